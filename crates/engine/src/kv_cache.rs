@@ -1,0 +1,125 @@
+//! Per-sequence key/value cache, grown in fixed steps as mlx-lm's `KVCache` is.
+use mlx::{Array, Dtype};
+
+use crate::error::Result;
+
+/// Positions added per growth of the buffers.
+const STEP: i32 = 256;
+
+/// One layer's keys and values for one sequence: `[1, kv_heads, capacity, head_dim]` buffers of
+/// which the first `offset` positions are filled.
+#[derive(Default)]
+pub struct LayerCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+}
+
+impl LayerCache {
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    /// Appends `keys`/`values` of shape `[1, kv_heads, L, head_dim]` and returns views of every
+    /// position so far.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let prev = self.offset;
+        let len = keys.dim(2);
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        if self.keys.is_none() || prev + len > capacity {
+            let shape = keys.shape();
+            let (b, heads, k_dim, v_dim) = (shape[0], shape[1], shape[3], values.dim(3));
+            let n_steps = (STEP + len - 1) / STEP;
+            let new_k = Array::zeros(&[b, heads, n_steps * STEP, k_dim], keys.dtype())?;
+            let new_v = Array::zeros(&[b, heads, n_steps * STEP, v_dim], values.dtype())?;
+            match (self.keys.take(), self.values.take()) {
+                (Some(k), Some(v)) => {
+                    let (k, v) = if prev % STEP != 0 {
+                        (k.slice_axis(2, 0, prev)?, v.slice_axis(2, 0, prev)?)
+                    } else {
+                        (k, v)
+                    };
+                    self.keys = Some(mlx::concatenate(&[&k, &new_k], 2)?);
+                    self.values = Some(mlx::concatenate(&[&v, &new_v], 2)?);
+                }
+                _ => {
+                    self.keys = Some(new_k);
+                    self.values = Some(new_v);
+                }
+            }
+        }
+        let (Some(k), Some(v)) = (self.keys.take(), self.values.take()) else {
+            return Err(mlx::Error::Invalid("the cache has no buffers".into()).into());
+        };
+        let end = prev + len;
+        let put = |buf: &Array, new: &Array| -> Result<Array> {
+            let mut start = vec![0; 4];
+            let mut stop = buf.shape();
+            start[2] = prev;
+            stop[2] = end;
+            Ok(buf.slice_update(new, &start, &stop)?)
+        };
+        self.keys = Some(put(&k, keys)?);
+        self.values = Some(put(&v, values)?);
+        self.offset = end;
+        self.fetch()
+    }
+
+    fn fetch(&self) -> Result<(Array, Array)> {
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            return Err(mlx::Error::Invalid("the cache is empty".into()).into());
+        };
+        if self.offset < k.dim(2) {
+            Ok((k.slice_axis(2, 0, self.offset)?, v.slice_axis(2, 0, self.offset)?))
+        } else {
+            Ok((k.clone(), v.clone()))
+        }
+    }
+
+    /// The buffers, for evaluation after a prefill chunk.
+    pub fn state(&self) -> Vec<&Array> {
+        self.keys.iter().chain(self.values.iter()).collect()
+    }
+
+    /// Bytes held by the buffers.
+    pub fn nbytes(&self) -> usize {
+        self.state().iter().map(|a| a.nbytes()).sum()
+    }
+
+    /// Drops the last `n` positions (they are overwritten by later appends).
+    pub fn trim(&mut self, n: i32) -> i32 {
+        let n = n.min(self.offset);
+        self.offset -= n;
+        n
+    }
+}
+
+/// The cache of one sequence: one [`LayerCache`] per layer.
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> KvCache {
+        KvCache { layers: (0..num_layers).map(|_| LayerCache::default()).collect() }
+    }
+
+    /// Tokens held.
+    pub fn offset(&self) -> i32 {
+        self.layers.first().map_or(0, LayerCache::offset)
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::nbytes).sum()
+    }
+
+    pub fn eval(&self) -> Result<()> {
+        let arrays: Vec<&Array> = self.layers.iter().flat_map(LayerCache::state).collect();
+        Ok(mlx::eval(&arrays)?)
+    }
+}
+
+/// Bytes of KV cache per token for a model shape, for memory budgets.
+pub fn bytes_per_token(layers: i32, kv_heads: i32, head_dim: i32, dtype: Dtype) -> usize {
+    2 * layers as usize * kv_heads as usize * head_dim as usize * dtype.size()
+}

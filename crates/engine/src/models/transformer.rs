@@ -1,0 +1,249 @@
+//! The decoder-only transformer shared by llama, qwen2 and qwen3:
+//!
+//! ```text
+//! h = embed(tokens)
+//! for each layer:
+//!     h = h + o_proj(attention(rope(q(norm1(h))), rope(k(norm1(h))), v(norm1(h))))
+//!     h = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
+//! logits = lm_head(norm(h))          # or embed^T when the embeddings are tied
+//! ```
+//!
+//! Several sequences run in one forward pass: their tokens are packed along the sequence axis, the
+//! projections and the MLP see all of them at once, and attention runs per sequence against that
+//! sequence's own cache, with the same shapes and mask as if it ran alone.
+use mlx::fast::{self, Mask};
+use mlx::{Array, Dtype};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{KvCache, LayerCache};
+use crate::nn::{Embedding, Linear, RmsNorm, Rope};
+use crate::weights::Weights;
+
+/// Which optional parts an architecture's attention has.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionKind {
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Per-head RMS norm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+/// An architecture's reading of config.json, beyond the fields every architecture shares.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub head_dim: i32,
+    pub rope_theta: f32,
+    pub rope_traditional: bool,
+    pub attention: AttentionKind,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: Option<i32>,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    n_heads: i32,
+    n_kv_heads: i32,
+    scale: f32,
+    rope: Rope,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct Layer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// One sequence's share of a packed forward pass: `len` consecutive tokens, appended to `cache`.
+pub struct Segment<'a> {
+    pub cache: &'a mut KvCache,
+    pub len: i32,
+}
+
+pub struct Transformer {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+    pub config: ModelConfig,
+    pub spec: Spec,
+}
+
+impl Transformer {
+    pub fn load(config: ModelConfig, spec: Spec, w: &mut Weights) -> Result<Transformer> {
+        let c = &config;
+        let (dim, heads, kv_heads, hd) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), spec.head_dim);
+        if hd <= 0 || hd % 2 != 0 {
+            return Err(EngineError::invalid(format!("config.json: head_dim must be a positive even number, got {hd}")));
+        }
+        let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = spec.attention;
+            let self_attn = Attention {
+                q_proj: Linear::load(w, c, &format!("{p}.self_attn.q_proj"), dim, heads * hd, a.qkv_bias)?,
+                k_proj: Linear::load(w, c, &format!("{p}.self_attn.k_proj"), dim, kv_heads * hd, a.qkv_bias)?,
+                v_proj: Linear::load(w, c, &format!("{p}.self_attn.v_proj"), dim, kv_heads * hd, a.qkv_bias)?,
+                o_proj: Linear::load(w, c, &format!("{p}.self_attn.o_proj"), heads * hd, dim, a.o_bias)?,
+                q_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, c.rms_norm_eps)).transpose()?,
+                k_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, c.rms_norm_eps)).transpose()?,
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+                scale: (f64::from(hd)).powf(-0.5) as f32,
+                rope: Rope::new(hd, spec.rope_theta, spec.rope_traditional, c.rope_scaling())?,
+            };
+            let ff = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: Linear::load(w, c, &format!("{p}.mlp.gate_proj"), dim, ff, spec.mlp_bias)?,
+                up_proj: Linear::load(w, c, &format!("{p}.mlp.up_proj"), dim, ff, spec.mlp_bias)?,
+                down_proj: Linear::load(w, c, &format!("{p}.mlp.down_proj"), ff, dim, spec.mlp_bias)?,
+            };
+            layers.push(Layer {
+                self_attn,
+                mlp,
+                input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), dim, c.rms_norm_eps)?,
+                post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), dim, c.rms_norm_eps)?,
+            });
+        }
+        let embed_tokens = Embedding::load(w, c, "model.embed_tokens", c.vocab_size, dim)?;
+        let norm = RmsNorm::load(w, "model.norm", dim, c.rms_norm_eps)?;
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(w, c, "lm_head", dim, c.vocab_size, false)?)
+        };
+        let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec };
+        mlx::eval(&model.arrays())?;
+        Ok(model)
+    }
+
+    /// Every weight array, for evaluation and memory accounting.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut v = self.embed_tokens.arrays();
+        for l in &self.layers {
+            let a = &l.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                v.extend(lin.arrays());
+            }
+            v.extend(a.q_norm.iter().chain(a.k_norm.iter()).map(|n| &n.weight));
+            v.extend([&l.input_layernorm.weight, &l.post_attention_layernorm.weight]);
+        }
+        v.push(&self.norm.weight);
+        if let Some(h) = &self.lm_head {
+            v.extend(h.arrays());
+        }
+        v
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The dtype activations and the KV cache take.
+    pub fn dtype(&self) -> Dtype {
+        self.norm.weight.dtype()
+    }
+
+    /// Runs `ids` (`[1, tokens]`: all segments' tokens, concatenated) through the model, appending
+    /// to each segment's cache. With `logits` it returns the next-token logits after the last token
+    /// of every segment, shape `[segments, vocab]`; without, it only fills the caches (prefill).
+    pub fn forward(&self, ids: &Array, segments: &mut [Segment<'_>], logits: bool) -> Result<Option<Array>> {
+        let total: i32 = segments.iter().map(|s| s.len).sum();
+        if segments.is_empty() || ids.shape() != [1, total] || segments.iter().any(|s| s.len <= 0) {
+            return Err(EngineError::invalid("forward: segments must be non-empty and cover the tokens exactly"));
+        }
+        let mut h = self.embed_tokens.forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&h)?;
+            let r = layer.self_attn.forward(&normed, segments, i)?;
+            h = h.add(&r)?;
+            let r = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.add(&r)?;
+        }
+        if !logits {
+            return Ok(None);
+        }
+        let h = self.norm.forward(&h)?;
+        // The last position of each segment.
+        let last = if segments.iter().all(|s| s.len == 1) {
+            h
+        } else {
+            let mut rows = Vec::with_capacity(segments.len());
+            let mut end = 0;
+            for s in segments.iter() {
+                end += s.len;
+                rows.push(end - 1);
+            }
+            h.take(&Array::from_slice(&rows, &[rows.len() as i32])?, 1)?
+        };
+        let out = match &self.lm_head {
+            Some(head) => head.forward(&last)?,
+            None => self.embed_tokens.as_linear(&last)?,
+        };
+        Ok(Some(out.squeeze(0)?))
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize) -> Result<Array> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        if let [seg] = segments {
+            let out = self.attend(&q, &k, &v, seg.len, &mut seg.cache.layers[layer])?;
+            return self.o_proj.forward(&out);
+        }
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for seg in segments.iter_mut() {
+            let end = start + seg.len;
+            let part = |a: &Array| a.slice_axis(1, start, end);
+            outs.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, seg.len, &mut seg.cache.layers[layer])?);
+            start = end;
+        }
+        let refs: Vec<&Array> = outs.iter().collect();
+        self.o_proj.forward(&mlx::concatenate(&refs, 1)?)
+    }
+
+    /// Attention of one sequence's `len` new positions (`[1, len, heads * head_dim]` projections).
+    fn attend(&self, q: &Array, k: &Array, v: &Array, len: i32, cache: &mut LayerCache) -> Result<Array> {
+        let heads = |a: &Array, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
+            let a = a.reshape(&[1, len, n, -1])?;
+            let a = match norm {
+                Some(norm) => norm.forward(&a)?,
+                None => a,
+            };
+            Ok(a.transpose(&[0, 2, 1, 3])?)
+        };
+        let queries = heads(q, self.n_heads, self.q_norm.as_ref())?;
+        let keys = heads(k, self.n_kv_heads, self.k_norm.as_ref())?;
+        let values = heads(v, self.n_kv_heads, None)?;
+        let offset = cache.offset();
+        let queries = self.rope.forward(&queries, offset)?;
+        let keys = self.rope.forward(&keys, offset)?;
+        let (keys, values) = cache.update_and_fetch(&keys, &values)?;
+        let mask = if len > 1 { Mask::Causal } else { Mask::None };
+        let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, mask)?;
+        Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[1, len, -1])?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let gated = fast::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+}

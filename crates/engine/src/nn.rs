@@ -1,0 +1,214 @@
+//! Layers shaped like mlx.nn's: each holds its arrays and computes exactly what mlx-lm computes.
+use mlx::fast::{self, RopeOffset};
+use mlx::{Array, Dtype};
+
+use crate::config::{ModelConfig, Quantization};
+use crate::error::{EngineError, Result};
+use crate::weights::Weights;
+
+/// The packed columns of one quantized row: `in_features * bits / 32` uint32 words.
+fn packed(in_features: i32, q: Quantization) -> i32 {
+    in_features * q.bits / 32
+}
+
+/// `y = x W^T + b`, dense or MLX affine-quantized.
+pub enum Linear {
+    Dense { weight: Array, bias: Option<Array> },
+    Quantized { weight: Array, scales: Array, biases: Array, bias: Option<Array>, q: Quantization },
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and scales/biases when quantized) of shape `[out, in]`.
+    pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, in_f: i32, out_f: i32, bias: bool) -> Result<Linear> {
+        let bias = if bias { Some(w.take_shaped(&format!("{prefix}.bias"), &[out_f])?) } else { None };
+        match quantization(w, cfg, prefix) {
+            Some(q) => {
+                check_group(prefix, in_f, q)?;
+                let groups = in_f / q.group_size;
+                Ok(Linear::Quantized {
+                    weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, packed(in_f, q)])?,
+                    scales: w.take_shaped(&format!("{prefix}.scales"), &[out_f, groups])?,
+                    biases: w.take_shaped(&format!("{prefix}.biases"), &[out_f, groups])?,
+                    bias,
+                    q,
+                })
+            }
+            None => Ok(Linear::Dense { weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?, bias }),
+        }
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(match self {
+            Linear::Dense { weight, bias: None } => x.matmul(&weight.t()?)?,
+            Linear::Dense { weight, bias: Some(b) } => b.addmm(x, &weight.t()?, 1.0, 1.0)?,
+            Linear::Quantized { weight, scales, biases, bias, q } => {
+                let y = fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?;
+                match bias {
+                    Some(b) => y.add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+
+    pub(crate) fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Linear::Dense { weight, bias } => std::iter::once(weight).chain(bias.as_ref()).collect(),
+            Linear::Quantized { weight, scales, biases, bias, .. } => {
+                [weight, scales, biases].into_iter().chain(bias.as_ref()).collect()
+            }
+        }
+    }
+}
+
+fn quantization(w: &Weights, cfg: &ModelConfig, prefix: &str) -> Option<Quantization> {
+    // As mlx-lm: a module is quantized exactly when its scales are in the checkpoint.
+    if !w.contains(&format!("{prefix}.scales")) {
+        return None;
+    }
+    cfg.quantization.as_ref().map(|qc| qc.for_module(prefix))
+}
+
+fn check_group(prefix: &str, in_f: i32, q: Quantization) -> Result<()> {
+    if in_f % q.group_size != 0 {
+        return Err(EngineError::invalid(format!(
+            "{prefix}: input size {in_f} is not a multiple of the quantization group size {}",
+            q.group_size
+        )));
+    }
+    Ok(())
+}
+
+/// Token embeddings, dense or quantized, usable as the output projection when tied.
+pub enum Embedding {
+    Dense { weight: Array },
+    Quantized { weight: Array, scales: Array, biases: Array, q: Quantization },
+}
+
+impl Embedding {
+    pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, vocab: i32, dim: i32) -> Result<Embedding> {
+        match quantization(w, cfg, prefix) {
+            Some(q) => {
+                check_group(prefix, dim, q)?;
+                let groups = dim / q.group_size;
+                Ok(Embedding::Quantized {
+                    weight: w.take_shaped(&format!("{prefix}.weight"), &[vocab, packed(dim, q)])?,
+                    scales: w.take_shaped(&format!("{prefix}.scales"), &[vocab, groups])?,
+                    biases: w.take_shaped(&format!("{prefix}.biases"), &[vocab, groups])?,
+                    q,
+                })
+            }
+            None => Ok(Embedding::Dense { weight: w.take_shaped(&format!("{prefix}.weight"), &[vocab, dim])? }),
+        }
+    }
+
+    pub fn forward(&self, ids: &Array) -> Result<Array> {
+        Ok(match self {
+            Embedding::Dense { weight } => weight.take(ids, 0)?,
+            Embedding::Quantized { weight, scales, biases, q } => fast::dequantize(
+                &weight.take(ids, 0)?,
+                &scales.take(ids, 0)?,
+                Some(&biases.take(ids, 0)?),
+                q.group_size,
+                q.bits,
+            )?,
+        })
+    }
+
+    /// `x E^T`: the tied output projection.
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        Ok(match self {
+            Embedding::Dense { weight } => x.matmul(&weight.t()?)?,
+            Embedding::Quantized { weight, scales, biases, q } => {
+                fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?
+            }
+        })
+    }
+
+    pub(crate) fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Embedding::Dense { weight } => vec![weight],
+            Embedding::Quantized { weight, scales, biases, .. } => vec![weight, scales, biases],
+        }
+    }
+}
+
+pub struct RmsNorm {
+    pub weight: Array,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &mut Weights, prefix: &str, dim: i32, eps: f32) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: w.take_shaped(&format!("{prefix}.weight"), &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(fast::rms_norm(x, Some(&self.weight), self.eps)?)
+    }
+}
+
+/// Rotary position embedding: default or linear scaling through `base` and `scale`, Llama 3
+/// scaling through precomputed frequencies, as mlx-lm's `initialize_rope`.
+pub struct Rope {
+    dims: i32,
+    traditional: bool,
+    base: f32,
+    scale: f32,
+    freqs: Option<Array>,
+}
+
+impl Rope {
+    pub fn new(dims: i32, base: f32, traditional: bool, scaling: Option<&serde_json::Value>) -> Result<Rope> {
+        let mut rope = Rope { dims, traditional, base, scale: 1.0, freqs: None };
+        let Some(s) = scaling else { return Ok(rope) };
+        let kind = s.get("type").or_else(|| s.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
+        let num = |key: &str, default: Option<f64>| -> Result<f64> {
+            s.get(key).and_then(|v| v.as_f64()).or(default).ok_or_else(|| {
+                EngineError::invalid(format!("rope_scaling of type {kind:?} needs a numeric {key:?}"))
+            })
+        };
+        match kind {
+            "default" => {}
+            "linear" => rope.scale = (1.0 / num("factor", None)?) as f32,
+            "llama3" => {
+                rope.freqs = Some(llama3_freqs(
+                    dims,
+                    base,
+                    num("factor", None)? as f32,
+                    num("low_freq_factor", Some(1.0))? as f32,
+                    num("high_freq_factor", Some(4.0))? as f32,
+                    num("original_max_position_embeddings", Some(8192.0))? as f32,
+                )?)
+            }
+            other => {
+                return Err(EngineError::invalid(format!(
+                    "rope_scaling type {other:?} is not supported (supported: default, linear, llama3)"
+                )));
+            }
+        }
+        Ok(rope)
+    }
+
+    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
+        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, RopeOffset::Scalar(offset), self.freqs.as_ref())?)
+    }
+}
+
+/// Llama 3's frequency scaling, computed with MLX in float32 as mlx-lm's `Llama3RoPE` does.
+fn llama3_freqs(dims: i32, base: f32, factor: f32, low: f32, high: f32, old_ctx: f32) -> Result<Array> {
+    let s = |v: f32| Array::scalar(f64::from(v), Dtype::Float32);
+    let low_wavelen = old_ctx / low;
+    let high_wavelen = old_ctx / high;
+    let exponents = Array::arange(0.0, f64::from(dims), 2.0, Dtype::Int32)?.divide(&Array::scalar(f64::from(dims), Dtype::Int32)?)?;
+    let freqs = s(base)?.power(&exponents)?;
+    let wavelens = s(2.0 * std::f32::consts::PI)?.multiply(&freqs)?;
+    let freqs = mlx::where_cond(&wavelens.greater(&s(low_wavelen)?)?, &freqs.multiply(&s(factor)?)?, &freqs)?;
+    let medium = wavelens.greater(&s(high_wavelen)?)?.logical_and(&wavelens.less(&s(low_wavelen)?)?)?;
+    let smooth = s(old_ctx)?.divide(&wavelens)?.subtract(&s(low)?)?.divide(&s(high - low)?)?;
+    let one = s(1.0)?;
+    let smooth_freqs = freqs.divide(&one.subtract(&smooth)?.divide(&s(factor)?)?.add(&smooth)?)?;
+    let out = mlx::where_cond(&medium, &smooth_freqs, &freqs)?;
+    out.eval()?;
+    Ok(out)
+}

@@ -1,0 +1,150 @@
+//! One sequence in flight: its prompt, cache, sampler and the tokens it produced; and the step
+//! functions that advance one or many sequences through the model.
+use mlx::Array;
+
+use crate::Model;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::models::Segment;
+use crate::sample::{Sampled, Sampler};
+
+
+pub struct Sequence {
+    prompt: Vec<u32>,
+    /// Prompt and accepted output tokens, for the repetition penalty.
+    history: Vec<u32>,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The last sampled token, not yet fed to the model (lazy until read).
+    pending: Option<Array>,
+    /// Tokens sampled so far (some may not be read and accepted yet).
+    sampled: usize,
+}
+
+impl Sequence {
+    pub fn new(model: &Model, prompt: Vec<u32>, sampler: Sampler) -> Result<Sequence> {
+        if prompt.is_empty() {
+            return Err(EngineError::invalid("the prompt is empty"));
+        }
+        let vocab = model.transformer.config.vocab_size as u32;
+        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(EngineError::invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        Ok(Sequence {
+            history: prompt.clone(),
+            prompt,
+            cache: KvCache::new(model.transformer.num_layers()),
+            sampler,
+            prefilled: 0,
+            pending: None,
+            sampled: 0,
+        })
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Whether prompt tokens other than the last are still to be prefilled.
+    pub fn needs_prefill(&self) -> bool {
+        self.prefilled + 1 < self.prompt.len()
+    }
+
+    /// Tokens in the cache.
+    pub fn cached_tokens(&self) -> i32 {
+        self.cache.offset()
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.nbytes()
+    }
+
+    /// Records the value of sampled token number `index` (from [`Sampled::index`]) once the caller
+    /// has read it. Tokens are accepted in order; accepting one twice is harmless.
+    pub fn accept(&mut self, index: usize, token: u32) {
+        if self.history.len() - self.prompt.len() == index {
+            self.history.push(token);
+        }
+    }
+
+    /// Generated tokens accepted so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt.len()..]
+    }
+
+    /// The input token of the next decode step: the last prompt token first, then each sample.
+    fn next_input(&mut self) -> Result<Array> {
+        match self.pending.clone() {
+            Some(t) => {
+                // The penalty needs the previous token's value: read it now.
+                if self.sampler.params().repetition_penalty != 1.0 {
+                    let v = t.item::<u32>()?;
+                    self.accept(self.sampled - 1, v);
+                }
+                Ok(t.reshape(&[1, 1])?)
+            }
+            None => {
+                let last = self.prompt[self.prompt.len() - 1];
+                Ok(Array::from_slice(&[last], &[1, 1])?)
+            }
+        }
+    }
+}
+
+impl Model {
+    /// Prefills up to `chunk` prompt tokens of `seq` (never its last one, which the first decode
+    /// step feeds, as mlx-lm does) and evaluates the cache. Returns the tokens processed.
+    pub fn prefill_chunk(&self, seq: &mut Sequence, chunk: usize) -> Result<usize> {
+        if !seq.needs_prefill() {
+            return Ok(0);
+        }
+        let remaining = seq.prompt.len() - 1 - seq.prefilled;
+        let n = remaining.min(chunk.max(1));
+        let part = &seq.prompt[seq.prefilled..seq.prefilled + n];
+        let ids = Array::from_slice(part, &[1, n as i32])?;
+        self.transformer.forward(&ids, &mut [Segment { cache: &mut seq.cache, len: n as i32 }], false)?;
+        seq.cache.eval()?;
+        seq.prefilled += n;
+        Ok(n)
+    }
+
+    /// One decode step for sequences whose prompts are prefilled, in one forward pass: feeds each
+    /// its next input token and samples the next one. The results are lazy; the caller evaluates
+    /// them (or starts the next step first, to overlap work) and calls [`Sequence::accept`].
+    pub fn decode_step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Sampled>> {
+        if seqs.iter().any(|s| s.needs_prefill()) {
+            return Err(EngineError::invalid("decode_step: a sequence still needs prefill"));
+        }
+        let inputs = seqs.iter_mut().map(|s| s.next_input()).collect::<Result<Vec<_>>>()?;
+        let ids = if let [one] = inputs.as_slice() {
+            one.clone()
+        } else {
+            let refs: Vec<&Array> = inputs.iter().collect();
+            mlx::concatenate(&refs, 1)?
+        };
+        let logits = {
+            let mut segments: Vec<Segment<'_>> =
+                seqs.iter_mut().map(|s| Segment { cache: &mut s.cache, len: 1 }).collect();
+            self.transformer
+                .forward(&ids, &mut segments, true)?
+                .ok_or_else(|| EngineError::invalid("forward returned no logits"))?
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            let row = if seqs_len_is_one(&logits) { logits.clone() } else { logits.slice_axis(0, i as i32, i as i32 + 1)? };
+            let mut sampled = seq.sampler.sample(&row, &seq.history)?;
+            sampled.index = seq.sampled;
+            seq.sampled += 1;
+            seq.pending = Some(sampled.token.clone());
+            seq.prefilled = seq.prompt.len();
+            out.push(sampled);
+        }
+        Ok(out)
+    }
+}
+
+fn seqs_len_is_one(logits: &Array) -> bool {
+    logits.dim(0) == 1
+}

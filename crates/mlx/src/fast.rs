@@ -1,0 +1,139 @@
+//! MLX's fused kernels and the quantized matrix products.
+use std::ffi::CString;
+use std::ptr;
+
+use crate::array::wrap;
+use crate::{Array, Error, Result, ffi};
+
+fn opt(a: Option<&Array>) -> ffi::CArr {
+    a.map_or(ptr::null(), Array::raw)
+}
+
+/// RMS normalisation over the last axis, scaled by `weight` when given.
+pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+    // SAFETY: live handles or null.
+    wrap(unsafe { ffi::mlxs_rms_norm(x.raw(), opt(weight), eps) })
+}
+
+/// Where a sequence's positions start for [`rope`].
+pub enum RopeOffset<'a> {
+    /// The same offset for the whole batch.
+    Scalar(i32),
+    /// One offset per batch row (an int32 array of shape `[batch]`).
+    PerRow(&'a Array),
+}
+
+/// Rotary position embedding over the first `dims` features of the last axis. Either `base` or
+/// explicit inverse `freqs` (for scaled variants such as Llama 3's) give the frequencies.
+pub fn rope(
+    x: &Array,
+    dims: i32,
+    traditional: bool,
+    base: f32,
+    scale: f32,
+    offset: RopeOffset<'_>,
+    freqs: Option<&Array>,
+) -> Result<Array> {
+    let (off, off_arr) = match offset {
+        RopeOffset::Scalar(o) => (o, ptr::null()),
+        RopeOffset::PerRow(a) => (0, a.raw()),
+    };
+    // SAFETY: live handles or null.
+    wrap(unsafe { ffi::mlxs_rope(x.raw(), dims, traditional as i32, base, scale, off, off_arr, opt(freqs)) })
+}
+
+/// The attention mask for [`scaled_dot_product_attention`].
+pub enum Mask<'a> {
+    None,
+    /// Lower-triangular, aligned to the end of the keys.
+    Causal,
+    /// A boolean (true = attend) or additive mask broadcastable to `[B, heads, L, S]`.
+    Array(&'a Array),
+}
+
+/// `softmax(q @ k^T * scale + mask) @ v` with grouped-query heads.
+pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: Mask<'_>) -> Result<Array> {
+    let (mode, arr) = match mask {
+        Mask::None => ("", ptr::null()),
+        Mask::Causal => ("causal", ptr::null()),
+        Mask::Array(a) => ("", a.raw()),
+    };
+    let mode = CString::new(mode).map_err(|e| Error::Invalid(e.to_string()))?;
+    // SAFETY: live handles or null; `mode` outlives the call.
+    wrap(unsafe { ffi::mlxs_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr) })
+}
+
+/// `silu(gate) * x` as one compiled, fused function (the same graph mlx-lm compiles).
+pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
+    // SAFETY: live handles.
+    wrap(unsafe { ffi::mlxs_swiglu(gate.raw(), x.raw()) })
+}
+
+/// `x @ dequantize(w).T` (or without the transpose) for MLX affine-quantized weights.
+pub fn quantized_matmul(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: Option<&Array>,
+    transpose: bool,
+    group_size: i32,
+    bits: i32,
+) -> Result<Array> {
+    // SAFETY: live handles or null.
+    wrap(unsafe {
+        ffi::mlxs_quantized_matmul(x.raw(), w.raw(), scales.raw(), opt(biases), transpose as i32, group_size, bits)
+    })
+}
+
+/// The full-precision matrix behind affine-quantized weights.
+pub fn dequantize(w: &Array, scales: &Array, biases: Option<&Array>, group_size: i32, bits: i32) -> Result<Array> {
+    // SAFETY: live handles or null.
+    wrap(unsafe { ffi::mlxs_dequantize(w.raw(), scales.raw(), opt(biases), group_size, bits) })
+}
+
+/// Affine quantization of `w` along its last axis: (weights, scales, biases).
+pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<(Array, Array, Array)> {
+    let mut s = ptr::null_mut();
+    let mut b = ptr::null_mut();
+    // SAFETY: the out-pointers are written only on success.
+    let q = wrap(unsafe { ffi::mlxs_quantize(w.raw(), group_size, bits, &mut s, &mut b) })?;
+    Ok((q, wrap(s)?, wrap(b)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Dtype;
+
+    #[test]
+    fn quantize_round_trip_and_kernels() -> Result<()> {
+        let data: Vec<f32> = (0..64 * 8).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let w = Array::from_slice(&data, &[8, 64])?;
+        let (q, s, b) = quantize(&w, 64, 8)?;
+        let back = dequantize(&q, &s, Some(&b), 64, 8)?;
+        let err = back.subtract(&w)?.abs()?.max(-1, false)?.max(0, false)?.item::<f32>()?;
+        assert!(err < 0.01, "8-bit round trip error {err}");
+        let x = Array::from_slice(&data[..64], &[1, 64])?;
+        let y = quantized_matmul(&x, &q, &s, Some(&b), true, 64, 8)?;
+        assert_eq!(y.shape(), vec![1, 8]);
+
+        let n = rms_norm(&x, None, 1e-5)?;
+        let ms = n.multiply(&n)?.mean(-1, false)?.item::<f32>()?;
+        assert!((ms - 1.0).abs() < 1e-3, "{ms}");
+
+        let qkv = Array::from_slice(&data[..4 * 32], &[1, 1, 4, 32])?;
+        let r = rope(&qkv, 32, false, 10000.0, 1.0, RopeOffset::Scalar(0), None)?;
+        let out = scaled_dot_product_attention(&r, &r, &qkv, 0.1, Mask::Causal)?;
+        assert_eq!(out.shape(), vec![1, 1, 4, 32]);
+        // The first query attends only to the first key, so it returns the first value exactly.
+        let first = out.slice_axis(2, 0, 1)?.to_vec::<f32>()?;
+        assert_eq!(first, data[..32].to_vec());
+
+        let g = swiglu(&x, &x)?;
+        let expect = x.silu()?.multiply(&x)?;
+        let diff = g.subtract(&expect)?.abs()?.max(-1, false)?.item::<f32>()?;
+        assert!(diff < 1e-6);
+        assert_eq!(g.dtype(), Dtype::Float32);
+        Ok(())
+    }
+}
