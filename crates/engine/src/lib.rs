@@ -58,6 +58,12 @@ impl Model {
         self.transformer.arrays().iter().map(|a| a.nbytes()).sum()
     }
 
+    /// Bytes of KV cache one token of context takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let t = &self.transformer;
+        kv_cache::bytes_per_token(t.num_layers() as i32, t.config.kv_heads(), t.spec.head_dim, t.dtype())
+    }
+
     /// Renders a chat with the model's template and tokenizes it.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode_chat(messages, true)?)

@@ -1,0 +1,263 @@
+//! Parameters, results and events of the worker protocol. Field names are the wire names.
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorInfo;
+
+/// Result of `handshake`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Handshake {
+    pub protocol_version: String,
+    /// The worker's name and version, and the MLX version: `mlx-serving-worker 0.1.0 (mlx 0.32.4)`.
+    pub engine: String,
+    /// `cpu` or `gpu`.
+    pub device: String,
+    pub pid: u32,
+    /// What the worker can do beyond the required methods, e.g. `logprobs`, `chat`.
+    pub capabilities: Vec<String>,
+    pub limits: Limits,
+}
+
+/// The bounds the worker enforces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Sequences decoded together at most.
+    pub max_sequences: usize,
+    /// Requests waiting for admission at most; beyond it `overloaded`.
+    pub max_queue: usize,
+    /// Bytes of KV cache the running sequences may reserve together.
+    pub kv_cache_bytes: u64,
+    /// Longest accepted input line, in bytes.
+    pub max_line_bytes: usize,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+/// A loaded model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The name requests use.
+    pub model: String,
+    pub path: String,
+    pub model_type: String,
+    /// Bytes of weights in device memory.
+    pub weight_bytes: u64,
+    /// Bytes of KV cache its running sequences hold now.
+    pub kv_cache_bytes: u64,
+    pub context_length: usize,
+    /// KV cache bytes per token of context.
+    pub kv_bytes_per_token: u64,
+}
+
+/// Result of `unload_model`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unloaded {
+    pub model: String,
+    /// Requests of the model that were running or queued, ended with finish_reason `cancelled`.
+    pub cancelled_requests: usize,
+}
+
+/// What to generate from: plain text, token ids, or chat messages rendered with the model's
+/// chat template (with the generation prompt added).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+    Messages(Vec<Message>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling settings; each absent field takes its default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// In (0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    /// 0 keeps every token.
+    pub top_k: i32,
+    /// In [0, 1]; 0 keeps every token.
+    pub min_p: f32,
+    /// 1 is no penalty.
+    pub repetition_penalty: f32,
+    /// How many of the latest tokens the penalty looks at.
+    pub repetition_context_size: usize,
+    /// Seed for reproducible sampling; random when absent.
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repetition_context_size: 20,
+            seed: None,
+        }
+    }
+}
+
+/// Parameters of `generate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// Chosen by the caller, unique among the worker's running and queued requests; `cancel`
+    /// names it.
+    pub id: String,
+    pub model: String,
+    pub prompt: Prompt,
+    /// At least 1; prompt plus max_tokens must fit the model's context.
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Generation ends before any of these strings, which are not returned.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Generation ends at any of these token ids, besides the model's end-of-sequence ids.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Include each token's log-probability in the token events.
+    #[serde(default)]
+    pub logprobs: bool,
+}
+
+/// One event of a `generate` stream. Every stream ends with exactly one `final` event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GenerateEvent {
+    Token(TokenEvent),
+    Final(FinalEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// The tokens this event reports (one today).
+    pub token_ids: Vec<u32>,
+    /// Text that became final with these tokens; may be empty while a multi-byte character or
+    /// a possible stop string is incomplete.
+    pub text: String,
+    /// Log-probability of each token under the model, when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinalEvent {
+    pub finish_reason: FinishReason,
+    /// Text held back until the end (an incomplete character, a partial stop string that did not
+    /// complete); append it to the streamed text.
+    pub text: String,
+    pub usage: Usage,
+    /// Milliseconds from arrival to the first token, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_ms: Option<f64>,
+    /// Milliseconds from arrival to the end.
+    pub total_ms: f64,
+    /// Set when finish_reason is `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token id or a stop string.
+    Stop,
+    /// max_tokens reached.
+    Length,
+    /// `cancel`, the caller unsubscribed, the model was unloaded, or shutdown's deadline passed.
+    Cancelled,
+    /// The engine failed; see `error`.
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Result of `shutdown`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShutdownAck {
+    /// Requests running or queued when the shutdown began.
+    pub in_flight: usize,
+    pub deadline_ms: u64,
+}
+
+/// Memory figures in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// MLX: memory held by live arrays.
+    pub active: u64,
+    /// MLX: the most `active` has been.
+    pub peak: u64,
+    /// MLX: freed memory kept for reuse.
+    pub cache: u64,
+    /// Resident set size of the worker process.
+    pub rss: u64,
+}
+
+/// Counters that only grow; a supervisor compares two heartbeats to see progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub prefilled_tokens: u64,
+    pub decoded_tokens: u64,
+    /// Engine loop iterations: moves whenever the engine does anything.
+    pub steps: u64,
+}
+
+/// The `heartbeat` notification, sent every interval from a thread that never waits on MLX.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Counts heartbeats from 0.
+    pub seq: u64,
+    pub uptime_ms: u64,
+    pub progress: Progress,
+    pub queue_depth: usize,
+    pub active_sequences: usize,
+    pub models: Vec<String>,
+    pub memory: Memory,
+    /// Set once `shutdown` was called.
+    pub draining: bool,
+}
+
+/// Result of `stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub uptime_ms: u64,
+    pub progress: Progress,
+    pub queue_depth: usize,
+    pub active_sequences: usize,
+    pub requests: RequestCounts,
+    pub models: Vec<ModelInfo>,
+    pub memory: Memory,
+    /// KV cache bytes reserved by running sequences, out of `limits.kv_cache_bytes`.
+    pub kv_reserved_bytes: u64,
+    pub limits: Limits,
+    pub draining: bool,
+}
+
+/// Requests by outcome since the worker started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub stopped: u64,
+    pub length: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+}

@@ -1,0 +1,175 @@
+//! `mlx-serving-worker`: one MLX device context and the models loaded in it, served over
+//! JSON-RPC 2.0 on stdin/stdout (one JSON object per line). stdout carries the protocol only;
+//! logs go to stderr. The worker exits when stdin ends: that is how it learns its parent died.
+mod engine;
+mod heartbeat;
+mod rpc;
+mod scheduler;
+mod server;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use mlx_serving_protocol::framing::DEFAULT_MAX_LINE_BYTES;
+use mlx_serving_protocol::{Handshake, PROTOCOL_VERSION, WorkerRpcServer};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::engine::{Command, EngineConfig};
+use crate::scheduler::Scheduler;
+use crate::state::Shared;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// The GPU where MLX has one (Metal, CUDA), else the CPU.
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(Parser)]
+#[command(name = "mlx-serving-worker", version, about = "An mlx-serving worker: JSON-RPC 2.0 over stdin/stdout")]
+struct Args {
+    /// Load this model directory at start-up (more can be loaded with `load_model`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Name of the --model for requests; the directory name when absent.
+    #[arg(long, requires = "model")]
+    model_name: Option<String>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Milliseconds between heartbeat notifications.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sequences: u64,
+    /// Requests waiting for admission at most; more are refused as overloaded.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Bytes of KV cache the running sequences may reserve together (prompt + max_tokens each).
+    #[arg(long, default_value_t = 2 << 30)]
+    kv_cache_bytes: u64,
+    /// Prompt tokens per prefill chunk; between chunks the running streams decode a step.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    prefill_chunk: u64,
+    /// Longest accepted input line in bytes; longer lines get an error response.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    exit_with_parent();
+    match run(args) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// On Linux the kernel also kills the worker when its parent dies (stdin EOF covers every OS).
+/// The main thread lives as long as the process, which this setting needs.
+#[cfg(target_os = "linux")]
+fn exit_with_parent() {
+    let parent = nix::unistd::getppid();
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!("PR_SET_PDEATHSIG failed: {e}");
+    }
+    // The parent may have died before the call.
+    if nix::unistd::getppid() != parent {
+        std::process::exit(1);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exit_with_parent() {}
+
+fn run(args: Args) -> Result<()> {
+    let device = match args.device {
+        DeviceArg::Auto if mlx::gpu_available() => mlx::Device::Gpu,
+        DeviceArg::Auto | DeviceArg::Cpu => mlx::Device::Cpu,
+        DeviceArg::Gpu => mlx::Device::Gpu,
+    };
+    let config = EngineConfig {
+        device,
+        max_sequences: args.max_sequences as usize,
+        max_queue: args.max_queue,
+        kv_cache_bytes: args.kv_cache_bytes,
+        prefill_chunk: args.prefill_chunk as usize,
+        max_line_bytes: args.max_line_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = runtime.block_on(serve(args, config));
+    // A blocking read of stdin may still be in progress; do not wait for it.
+    runtime.shutdown_background();
+    result
+}
+
+async fn serve(args: Args, config: EngineConfig) -> Result<()> {
+    let shared = Arc::new(Shared::new());
+    let handshake = Handshake {
+        protocol_version: PROTOCOL_VERSION.into(),
+        engine: format!("mlx-serving-worker {} (mlx {})", env!("CARGO_PKG_VERSION"), mlx::version()),
+        device: config.device.to_string(),
+        pid: std::process::id(),
+        capabilities: ["generate", "cancel", "logprobs", "chat", "token_ids", "continuous_batching"]
+            .map(String::from)
+            .to_vec(),
+        limits: Scheduler::limits(&config),
+    };
+    let max_line_bytes = config.max_line_bytes;
+    let (engine, engine_done) = engine::spawn(config, shared.clone())?;
+
+    if let Some(path) = &args.model {
+        let name = match &args.model_name {
+            Some(n) => n.clone(),
+            None => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        };
+        let path = path.clone();
+        engine
+            .call(|reply| Command::Load { model: name, path, reply })
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message().to_string()))
+            .context("loading --model")?;
+    }
+
+    let (out, lines) = mpsc::channel::<String>(4096);
+    let writer = tokio::spawn(server::write_lines(lines, tokio::io::stdout()));
+    let heartbeat =
+        tokio::spawn(heartbeat::run(shared.clone(), Duration::from_millis(args.heartbeat_ms), out.clone()));
+    let module = Arc::new(rpc::Worker { engine: engine.clone(), handshake }.into_rpc());
+    let tracker = TaskTracker::new();
+    let mut reader = tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));
+
+    tokio::select! {
+        _ = engine_done => tracing::info!("shutdown complete"),
+        _ = &mut reader => {
+            tracing::info!("stdin closed: cancelling everything and exiting");
+            let now = Instant::now();
+            let _ = engine.call(|reply| Command::Shutdown { deadline: now, reply }).await;
+        }
+    }
+    reader.abort();
+    // Let the last events (final events of cancelled streams) reach stdout, within bounds.
+    drop(engine);
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_millis(500), tracker.wait()).await;
+    heartbeat.abort();
+    let _ = heartbeat.await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
+    Ok(())
+}

@@ -1,0 +1,585 @@
+//! Continuous batching on the engine thread.
+//!
+//! Each turn of the loop takes the commands that arrived, admits queued requests while the
+//! sequence limit and the KV-cache budget allow, prefills one chunk of one prompt, starts one
+//! decode step for every sequence that is ready (one forward pass per model), and only then
+//! reads the tokens of the previous step, so MLX computes step n+1 while step n's tokens are
+//! turned into events. Sequences join and leave at every step.
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use jsonrpsee::types::ErrorObjectOwned;
+use mlx::Array;
+use mlx_serving_engine::{EngineError, GenerateParams, Model, Sampler, SamplingParams, Sequence, TextStream};
+use mlx_serving_protocol::error::ErrorInfo;
+use mlx_serving_protocol::{
+    ErrorCode, FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Limits, ModelInfo, Prompt, RequestCounts,
+    ShutdownAck, Stats, TokenEvent, Unloaded, Usage,
+};
+use tokio::sync::mpsc::{self, error::TryRecvError};
+
+use crate::engine::{Command, EngineConfig};
+use crate::state::Shared;
+
+struct Loaded {
+    model: Model,
+    path: PathBuf,
+    kv_per_token: u64,
+    weight_bytes: u64,
+}
+
+/// One request, from admission to its final event.
+struct Request {
+    /// Unique for the worker's lifetime (client ids may be reused once a request ends).
+    key: u64,
+    id: String,
+    model: String,
+    seq: Sequence,
+    text: TextStream,
+    params: GenerateParams,
+    logprobs: bool,
+    events: mpsc::UnboundedSender<GenerateEvent>,
+    arrived: Instant,
+    /// KV-cache bytes held against the budget while running.
+    reserve: u64,
+    first_token: Option<Instant>,
+    /// Tokens reported to the caller.
+    generated: usize,
+    /// Decode steps started (some may not be read yet).
+    scheduled: usize,
+    /// Set when the request should end at the next sweep.
+    done: Option<(FinishReason, Option<ErrorInfo>)>,
+}
+
+impl Request {
+    fn ready_to_decode(&self) -> bool {
+        self.done.is_none() && !self.seq.needs_prefill() && self.scheduled < self.params.max_tokens
+    }
+
+    fn end(&mut self, reason: FinishReason, error: Option<ErrorInfo>) {
+        self.done.get_or_insert((reason, error));
+    }
+}
+
+/// A sampled token not read yet.
+struct Pending {
+    key: u64,
+    index: usize,
+    token: Array,
+    logprob: Option<Array>,
+}
+
+pub struct Scheduler {
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    models: BTreeMap<String, Loaded>,
+    queue: VecDeque<Request>,
+    running: Vec<Request>,
+    in_flight: Vec<Pending>,
+    kv_reserved: u64,
+    next_key: u64,
+    /// Set by shutdown: admit nothing, cancel what runs at this instant.
+    deadline: Option<Instant>,
+    counts: RequestCounts,
+}
+
+impl Scheduler {
+    pub fn new(config: EngineConfig, shared: Arc<Shared>) -> Scheduler {
+        Scheduler {
+            config,
+            shared,
+            models: BTreeMap::new(),
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            in_flight: Vec::new(),
+            kv_reserved: 0,
+            next_key: 0,
+            deadline: None,
+            counts: RequestCounts::default(),
+        }
+    }
+
+    /// Runs until a shutdown has finished or every command sender is gone.
+    pub fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut open = true;
+        while open {
+            if self.idle() {
+                if self.deadline.is_some() {
+                    break;
+                }
+                match commands.blocking_recv() {
+                    Some(c) => self.handle(c),
+                    None => break,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if !open || self.deadline.is_some_and(|d| Instant::now() >= d) {
+                self.cancel_all();
+            }
+            for r in &mut self.running {
+                if r.events.is_closed() {
+                    r.end(FinishReason::Cancelled, None);
+                }
+            }
+            self.sweep();
+            self.admit();
+            self.step();
+            self.sweep();
+            self.publish();
+            if self.deadline.is_some() && self.idle() {
+                break;
+            }
+        }
+        self.cancel_all();
+        self.sweep();
+        self.publish();
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty() && self.running.is_empty() && self.in_flight.is_empty()
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Load { model, path, reply } => {
+                let _ = reply.send(self.load(model, path));
+            }
+            Command::Unload { model, reply } => {
+                let _ = reply.send(self.unload(&model));
+            }
+            Command::List { reply } => {
+                let _ = reply.send(Ok(self.model_infos()));
+            }
+            Command::Generate { request, arrived, events, reply } => {
+                let result = self.enqueue(request, arrived, events);
+                if result.is_err() {
+                    self.counts.rejected += 1;
+                }
+                let _ = reply.send(result);
+            }
+            Command::Cancel { id, reply } => {
+                let _ = reply.send(Ok(self.cancel(&id)));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(Ok(self.stats()));
+            }
+            Command::Shutdown { deadline, reply } => {
+                let deadline = self.deadline.map_or(deadline, |d| d.min(deadline));
+                self.deadline = Some(deadline);
+                self.shared.draining.store(true, Relaxed);
+                let ack = ShutdownAck {
+                    in_flight: self.queue.len() + self.running.len(),
+                    deadline_ms: deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+                };
+                let _ = reply.send(Ok(ack));
+            }
+        }
+    }
+
+    fn load(&mut self, name: String, path: PathBuf) -> Result<ModelInfo, ErrorObjectOwned> {
+        if self.deadline.is_some() {
+            return Err(ErrorCode::ShuttingDown.error("the worker is shutting down"));
+        }
+        if name.is_empty() {
+            return Err(ErrorCode::InvalidRequestParams.error("`model` must not be empty"));
+        }
+        if let Some(l) = self.models.get(&name) {
+            if l.path == path {
+                return Ok(self.model_info(&name, l));
+            }
+            return Err(ErrorCode::InvalidRequestParams.error(format!(
+                "model `{name}` is already loaded from {}; unload it first",
+                l.path.display()
+            )));
+        }
+        let model = Model::load(&path)
+            .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
+        let loaded = Loaded {
+            kv_per_token: model.kv_bytes_per_token() as u64,
+            weight_bytes: model.weight_bytes() as u64,
+            model,
+            path,
+        };
+        tracing::info!(model = %name, weight_bytes = loaded.weight_bytes, "model loaded");
+        let info = self.model_info(&name, &loaded);
+        self.models.insert(name, loaded);
+        self.publish_models();
+        Ok(info)
+    }
+
+    fn unload(&mut self, name: &str) -> Result<Unloaded, ErrorObjectOwned> {
+        if !self.models.contains_key(name) {
+            return Err(self.not_loaded(name));
+        }
+        let mut cancelled = 0;
+        for r in self.queue.iter_mut().chain(self.running.iter_mut()).filter(|r| r.model == name) {
+            r.end(FinishReason::Cancelled, None);
+            cancelled += 1;
+        }
+        self.sweep();
+        self.models.remove(name);
+        self.publish_models();
+        mlx::memory::clear_cache();
+        tracing::info!(model = %name, cancelled, "model unloaded");
+        Ok(Unloaded { model: name.to_string(), cancelled_requests: cancelled })
+    }
+
+    fn not_loaded(&self, name: &str) -> ErrorObjectOwned {
+        let loaded: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        ErrorCode::ModelNotLoaded.error(format!("model `{name}` is not loaded (loaded: {loaded:?})"))
+    }
+
+    /// Validates a request and queues it; the error names what is wrong.
+    fn enqueue(
+        &mut self,
+        request: GenerateRequest,
+        arrived: Instant,
+        events: mpsc::UnboundedSender<GenerateEvent>,
+    ) -> Result<(), ErrorObjectOwned> {
+        if self.deadline.is_some() {
+            return Err(ErrorCode::ShuttingDown.error("the worker is shutting down"));
+        }
+        let loaded = self.models.get(&request.model).ok_or_else(|| self.not_loaded(&request.model))?;
+        if self.queue.iter().chain(&self.running).any(|r| r.id == request.id) {
+            return Err(invalid(format!("request id `{}` is already in use", request.id)));
+        }
+        let model = &loaded.model;
+        let prompt = match &request.prompt {
+            Prompt::Text(text) => model.tokenizer.encode(text, true).map_err(|e| invalid(e.to_string()))?,
+            Prompt::TokenIds(ids) => ids.clone(),
+            Prompt::Messages(messages) => {
+                let messages: Vec<_> = messages
+                    .iter()
+                    .map(|m| mlx_serving_engine::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+                    .collect();
+                model.encode_chat(&messages).map_err(engine_error)?
+            }
+        };
+        let s = &request.sampling;
+        let params = GenerateParams {
+            max_tokens: request.max_tokens,
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_p: s.top_p,
+                top_k: s.top_k,
+                min_p: s.min_p,
+                repetition_penalty: s.repetition_penalty,
+                repetition_context_size: s.repetition_context_size,
+                seed: s.seed,
+            },
+            stop: request.stop.clone(),
+            stop_token_ids: request.stop_token_ids.clone(),
+            ignore_eos: request.ignore_eos,
+            prefill_step: self.config.prefill_chunk,
+        };
+        model.check_request(prompt.len(), &params).map_err(engine_error)?;
+        let reserve = (prompt.len() + params.max_tokens) as u64 * loaded.kv_per_token;
+        if reserve > self.config.kv_cache_bytes {
+            return Err(invalid(format!(
+                "the request needs {reserve} bytes of KV cache (prompt {} + max_tokens {} tokens), more than the worker's budget of {} bytes",
+                prompt.len(),
+                params.max_tokens,
+                self.config.kv_cache_bytes
+            )));
+        }
+        if self.queue.len() >= self.config.max_queue {
+            return Err(ErrorCode::Overloaded
+                .error(format!("the queue is full ({} requests waiting)", self.config.max_queue)));
+        }
+        let text = TextStream::new(&model.tokenizer, &params.stop).map_err(engine_error)?;
+        let sampler = Sampler::new(params.sampling.clone()).map_err(engine_error)?;
+        let seq = Sequence::new(model, prompt, sampler).map_err(engine_error)?;
+        self.next_key += 1;
+        self.queue.push_back(Request {
+            key: self.next_key,
+            id: request.id,
+            model: request.model,
+            seq,
+            text,
+            params,
+            logprobs: request.logprobs,
+            events,
+            arrived,
+            reserve,
+            first_token: None,
+            generated: 0,
+            scheduled: 0,
+            done: None,
+        });
+        self.counts.accepted += 1;
+        Ok(())
+    }
+
+    fn cancel(&mut self, id: &str) -> bool {
+        let mut found = false;
+        for r in self.queue.iter_mut().chain(self.running.iter_mut()).filter(|r| r.id == id) {
+            r.end(FinishReason::Cancelled, None);
+            found = true;
+        }
+        self.sweep();
+        found
+    }
+
+    fn cancel_all(&mut self) {
+        for r in self.queue.iter_mut().chain(self.running.iter_mut()) {
+            r.end(FinishReason::Cancelled, None);
+        }
+    }
+
+    /// Moves queued requests into the running batch, oldest first, while they fit.
+    fn admit(&mut self) {
+        while let Some(front) = self.queue.front() {
+            let fits = self.running.len() < self.config.max_sequences
+                && self.kv_reserved + front.reserve <= self.config.kv_cache_bytes;
+            if !fits {
+                break;
+            }
+            let r = self.queue.pop_front().expect("front exists");
+            self.kv_reserved += r.reserve;
+            self.running.push(r);
+        }
+    }
+
+    fn step(&mut self) {
+        self.prefill_one_chunk();
+        let next = self.start_decode();
+        let previous = std::mem::replace(&mut self.in_flight, next);
+        self.read(previous);
+        self.shared.steps.fetch_add(1, Relaxed);
+    }
+
+    /// One chunk of the oldest prompt still prefilling, so a long prompt delays the running
+    /// streams by one chunk per step rather than by its whole length.
+    fn prefill_one_chunk(&mut self) {
+        let Some(r) = self.running.iter_mut().find(|r| r.done.is_none() && r.seq.needs_prefill()) else {
+            return;
+        };
+        let Some(loaded) = self.models.get(&r.model) else {
+            return;
+        };
+        match loaded.model.prefill_chunk(&mut r.seq, self.config.prefill_chunk) {
+            Ok(n) => {
+                self.shared.prefilled_tokens.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) => r.end(FinishReason::Error, Some(failure(&e))),
+        }
+    }
+
+    /// Starts one decode step for every ready sequence (one forward pass per model) and returns
+    /// its lazy results.
+    fn start_decode(&mut self) -> Vec<Pending> {
+        let mut out = Vec::new();
+        for (name, loaded) in &self.models {
+            let mut group: Vec<&mut Request> =
+                self.running.iter_mut().filter(|r| &r.model == name && r.ready_to_decode()).collect();
+            if group.is_empty() {
+                continue;
+            }
+            let sampled = {
+                let mut seqs: Vec<&mut Sequence> = group.iter_mut().map(|r| &mut r.seq).collect();
+                loaded.model.decode_step(&mut seqs)
+            };
+            let result = sampled.and_then(|sampled| {
+                let mut step = Vec::with_capacity(sampled.len());
+                for (r, s) in group.iter_mut().zip(sampled) {
+                    r.scheduled += 1;
+                    let logprob = if r.logprobs {
+                        Some(s.logprobs.take(&s.token, 0)?.astype(mlx::Dtype::Float32)?)
+                    } else {
+                        None
+                    };
+                    step.push(Pending { key: r.key, index: s.index, token: s.token, logprob });
+                }
+                let arrays: Vec<&Array> =
+                    step.iter().flat_map(|p| std::iter::once(&p.token).chain(p.logprob.as_ref())).collect();
+                mlx::async_eval(&arrays)?;
+                Ok(step)
+            });
+            match result {
+                Ok(step) => out.extend(step),
+                Err(e) => {
+                    tracing::error!(model = %name, error = %e, "decode step failed");
+                    for r in group {
+                        r.end(FinishReason::Error, Some(failure(&e)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads sampled tokens and turns them into events and stop decisions.
+    fn read(&mut self, pending: Vec<Pending>) {
+        for p in pending {
+            let Some(r) = self.running.iter_mut().find(|r| r.key == p.key && r.done.is_none()) else {
+                continue;
+            };
+            let read = p.token.item::<u32>().and_then(|t| Ok((t, p.logprob.as_ref().map(Array::item::<f32>).transpose()?)));
+            let (token, logprob) = match read {
+                Ok(v) => v,
+                Err(e) => {
+                    r.end(FinishReason::Error, Some(failure(&e.into())));
+                    continue;
+                }
+            };
+            self.shared.decoded_tokens.fetch_add(1, Relaxed);
+            r.seq.accept(p.index, token);
+            r.first_token.get_or_insert_with(Instant::now);
+            let eos = !r.params.ignore_eos && r.seq_eos(token, &self.models);
+            if eos || r.params.stop_token_ids.contains(&token) {
+                r.end(FinishReason::Stop, None);
+                continue;
+            }
+            r.generated += 1;
+            let step = match r.text.push(token) {
+                Ok(s) => s,
+                Err(e) => {
+                    r.end(FinishReason::Error, Some(failure(&e)));
+                    continue;
+                }
+            };
+            let event = TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]) };
+            let _ = r.events.send(GenerateEvent::Token(event));
+            if step.stopped {
+                r.end(FinishReason::Stop, None);
+            } else if r.generated >= r.params.max_tokens {
+                r.end(FinishReason::Length, None);
+            }
+        }
+    }
+
+    /// Ends every request marked done: sends its final event and frees its place and memory.
+    fn sweep(&mut self) {
+        let mut ended = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].done.is_some() {
+                let r = self.running.swap_remove(i);
+                self.kv_reserved -= r.reserve;
+                ended.push(r);
+            } else {
+                i += 1;
+            }
+        }
+        let (done, kept): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|r| r.done.is_some());
+        self.queue = kept.into();
+        // Keep the running order by arrival, so prefill stays first come, first served.
+        self.running.sort_by_key(|r| r.key);
+        for r in ended.into_iter().chain(done) {
+            self.finish(r);
+        }
+    }
+
+    fn finish(&mut self, mut r: Request) {
+        let (reason, error) = r.done.take().unwrap_or((FinishReason::Cancelled, None));
+        let text = match reason {
+            FinishReason::Stop | FinishReason::Length => r.text.finish().map(|s| s.text).unwrap_or_default(),
+            FinishReason::Cancelled | FinishReason::Error => String::new(),
+        };
+        match reason {
+            FinishReason::Stop => self.counts.stopped += 1,
+            FinishReason::Length => self.counts.length += 1,
+            FinishReason::Cancelled => self.counts.cancelled += 1,
+            FinishReason::Error => self.counts.failed += 1,
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let event = FinalEvent {
+            finish_reason: reason,
+            text,
+            usage: Usage { prompt_tokens: r.seq.prompt().len(), completion_tokens: r.generated },
+            time_to_first_token_ms: r.first_token.map(|t| ms(t.duration_since(r.arrived))),
+            total_ms: ms(r.arrived.elapsed()),
+            error,
+        };
+        let _ = r.events.send(GenerateEvent::Final(event));
+    }
+
+    fn publish(&self) {
+        self.shared.queue_depth.store(self.queue.len(), Relaxed);
+        self.shared.active_sequences.store(self.running.len(), Relaxed);
+        self.shared.publish_mlx_memory();
+    }
+
+    fn publish_models(&self) {
+        if let Ok(mut m) = self.shared.models.lock() {
+            *m = self.models.keys().cloned().collect();
+        }
+    }
+
+    fn model_info(&self, name: &str, l: &Loaded) -> ModelInfo {
+        let kv: usize = self.running.iter().filter(|r| r.model == name).map(|r| r.seq.kv_bytes()).sum();
+        ModelInfo {
+            model: name.to_string(),
+            path: l.path.display().to_string(),
+            model_type: l.model.transformer.config.model_type.clone(),
+            weight_bytes: l.weight_bytes,
+            kv_cache_bytes: kv as u64,
+            context_length: l.model.context_length(),
+            kv_bytes_per_token: l.kv_per_token,
+        }
+    }
+
+    fn model_infos(&self) -> Vec<ModelInfo> {
+        self.models.iter().map(|(n, l)| self.model_info(n, l)).collect()
+    }
+
+    pub fn limits(config: &EngineConfig) -> Limits {
+        Limits {
+            max_sequences: config.max_sequences,
+            max_queue: config.max_queue,
+            kv_cache_bytes: config.kv_cache_bytes,
+            max_line_bytes: config.max_line_bytes,
+            prefill_chunk: config.prefill_chunk,
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        self.publish();
+        Stats {
+            uptime_ms: self.shared.uptime_ms(),
+            progress: self.shared.progress(),
+            queue_depth: self.queue.len(),
+            active_sequences: self.running.len(),
+            requests: self.counts,
+            models: self.model_infos(),
+            memory: self.shared.memory(crate::heartbeat::rss_bytes()),
+            kv_reserved_bytes: self.kv_reserved,
+            limits: Scheduler::limits(&self.config),
+            draining: self.deadline.is_some(),
+        }
+    }
+}
+
+impl Request {
+    fn seq_eos(&self, token: u32, models: &BTreeMap<String, Loaded>) -> bool {
+        models.get(&self.model).is_some_and(|l| l.model.tokenizer.eos_token_ids().contains(&token))
+    }
+}
+
+fn invalid(message: String) -> ErrorObjectOwned {
+    ErrorCode::InvalidRequestParams.error(message)
+}
+
+/// Errors about the request itself are the caller's; MLX failures are the engine's.
+fn engine_error(e: EngineError) -> ErrorObjectOwned {
+    match e {
+        EngineError::Mlx(_) => ErrorCode::EngineFailure.error(e.to_string()),
+        _ => invalid(e.to_string()),
+    }
+}
+
+fn failure(e: &EngineError) -> ErrorInfo {
+    ErrorInfo::new(ErrorCode::EngineFailure, e.to_string())
+}
