@@ -1,0 +1,148 @@
+//! Continuous batching through the real worker: concurrent streams produce what each produces
+//! alone; cancelling one leaves the others intact.
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use mlx_serving_protocol::{FinishReason, GenerateEvent, GenerateRequest, Prompt, Sampling, WorkerRpcClient};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt_ids: Vec<u32>,
+    greedy_tokens: Vec<u32>,
+}
+
+fn golden() -> Golden {
+    let path = fixtures().join("golden").join(format!("{MODEL}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// 16 requests that differ in prompt length (one longer than several prefill chunks), output
+/// length and sampling, so sequences join and leave the batch at different steps.
+fn sixteen_requests() -> Vec<GenerateRequest> {
+    let g = golden();
+    let mut out = Vec::new();
+    for (i, case) in g.cases.iter().enumerate() {
+        out.push(request(&format!("golden-{i}"), Prompt::TokenIds(case.prompt_ids.clone()), case.greedy_tokens.len()));
+    }
+    let long: String = (0..60).map(|i| format!("line {i} of a long prompt. ")).collect();
+    out.push(request("long", Prompt::Text(long), 24));
+    let mut i = 0;
+    while out.len() < 16 {
+        let mut r = request(
+            &format!("text-{i}"),
+            Prompt::Text(format!("Request number {i} asks about {}", "free software ".repeat(i % 5 + 1))),
+            8 + 9 * i,
+        );
+        if i % 6 == 5 {
+            r.sampling = Sampling { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Sampling::default() };
+        }
+        if i == 3 {
+            r.prompt = Prompt::Messages(vec![mlx_serving_protocol::Message { role: "user".into(), content: "Hello!".into() }]);
+        }
+        out.push(r);
+        i += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_equal_each_alone() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let w = with_model(&["--prefill-chunk", "64", "--max-sequences", "16"]).await;
+        let requests = sixteen_requests();
+
+        let mut alone = Vec::new();
+        for r in &requests {
+            alone.push(collect(w.client.generate(r.clone()).await.expect("generate")).await);
+        }
+        // The worker's greedy output is mlx-lm's.
+        for (i, case) in golden().cases.iter().enumerate() {
+            assert_eq!(alone[i].tokens, case.greedy_tokens, "golden case {i} differs from mlx-lm");
+        }
+
+        let client = Arc::new(w.client);
+        let mut tasks = Vec::new();
+        for r in requests.clone() {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move { collect(client.generate(r).await.expect("generate")).await }));
+        }
+        for ((task, alone), r) in tasks.into_iter().zip(&alone).zip(&requests) {
+            let together = task.await.unwrap();
+            assert_eq!(together.tokens, alone.tokens, "stream {} changed when batched", r.id);
+            assert_eq!(together.text, alone.text, "stream {} text changed when batched", r.id);
+            assert_eq!(together.last.finish_reason, FinishReason::Length, "stream {}", r.id);
+            assert_eq!(together.last.usage.completion_tokens, r.max_tokens);
+        }
+        let stats = client.stats().await.unwrap();
+        assert_eq!(stats.active_sequences, 0);
+        assert_eq!(stats.kv_reserved_bytes, 0, "every reservation is released");
+        assert_eq!(stats.requests.length, 32);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_one_stream_leaves_the_others_intact() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let w = with_model(&[]).await;
+        let make = |i: usize| request(&format!("s{i}"), Prompt::Text(format!("Stream {i} says hello")), 300);
+        let mut alone = Vec::new();
+        for i in 1..4 {
+            alone.push(collect(w.client.generate(make(i)).await.unwrap()).await);
+        }
+
+        let client = Arc::new(w.client);
+        let mut victim = client.generate(make(0)).await.unwrap();
+        let mut others = Vec::new();
+        for i in 1..4 {
+            let client = client.clone();
+            others.push(tokio::spawn(async move { collect(client.generate(make(i)).await.unwrap()).await }));
+        }
+        // Cancel once the victim has streamed a few tokens.
+        let mut seen = 0;
+        while seen < 5 {
+            match victim.next().await.unwrap().unwrap() {
+                GenerateEvent::Token(_) => seen += 1,
+                GenerateEvent::Final(f) => panic!("ended before the cancel: {f:?}"),
+            }
+        }
+        assert!(client.cancel("s0".into()).await.unwrap(), "the running request is found");
+        let rest = collect(victim).await;
+        assert_eq!(rest.last.finish_reason, FinishReason::Cancelled);
+        assert!(rest.last.usage.completion_tokens < 300);
+
+        for (task, alone) in others.into_iter().zip(alone) {
+            let got = task.await.unwrap();
+            assert_eq!(got.last.finish_reason, FinishReason::Length);
+            assert_eq!(got.tokens, alone.tokens, "a neighbour of the cancelled stream changed");
+        }
+        assert!(!client.cancel("s0".into()).await.unwrap(), "an ended request is not found");
+
+        // Dropping a subscription (the caller went away) cancels too, and frees the slot.
+        let mut dropped = client.generate(make(7)).await.unwrap();
+        let _ = dropped.next().await;
+        drop(dropped);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let s = client.stats().await.unwrap();
+            if s.active_sequences == 0 {
+                assert_eq!(s.kv_reserved_bytes, 0);
+                assert_eq!(s.requests.cancelled, 2);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the dropped stream was never cancelled");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
