@@ -136,7 +136,7 @@ mod tests {
     async fn long_and_bad_lines_are_skipped_and_reading_goes_on() {
         let mut input = Vec::new();
         input.extend_from_slice(b"first\n");
-        input.extend_from_slice(&vec![b'x'; 100]);
+        input.extend_from_slice(&[b'x'; 100]);
         input.extend_from_slice(b"\n\xff\xfe\nsecond\r\ntail");
         let mut r = LineReader::new(&input[..], 16);
         assert_eq!(r.next_line().await.unwrap().as_deref(), Some("first"));
