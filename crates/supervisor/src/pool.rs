@@ -1,0 +1,719 @@
+//! The pool: N slots, each with a worker process, and the request path over them: route to the
+//! least busy ready worker, retry failures that happened before the first token on another
+//! worker within a budget, and feed each worker's circuit breaker.
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use jsonrpsee::core::client::Error as ClientError;
+use mlx_serving_protocol::{ErrorCode, FinishReason, GenerateEvent, GenerateRequest, WorkerRpcClient};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep, timeout_at};
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome};
+use crate::config::{Config, ms};
+use crate::error::PoolError;
+use crate::restart::{RestartPolicy, RestartTracker};
+use crate::retry::{RetryBudget, RetryConfig, retry_delay};
+use crate::route::{Candidate, pick};
+use crate::status::{PoolStatus, WorkerStatus};
+use crate::worker::slot::{Conn, LoadedModel, Slot, SlotContext, WorkerState};
+
+/// Events of one request as the caller sees them; an `Err` is always the last item.
+pub type StreamItem = Result<GenerateEvent, PoolError>;
+
+/// Events buffered per request between the pool and its caller.
+const STREAM_BUFFER: usize = 256;
+
+/// Attempts per request at most, whatever the cause.
+const MAX_ATTEMPTS: u32 = 8;
+
+pub struct Pool {
+    config: Arc<RwLock<Config>>,
+    slots: Mutex<Vec<Arc<Slot>>>,
+    next_slot: AtomicU64,
+    next_request: AtomicU64,
+    ctx: Arc<SlotContext>,
+    budget: Arc<RetryBudget>,
+    rng: Mutex<SmallRng>,
+    changed: Arc<Notify>,
+    shutting_down: AtomicBool,
+    started: Instant,
+}
+
+/// How one attempt on one worker ended.
+enum Attempt {
+    Done,
+    /// The caller went away.
+    CallerGone,
+    /// The request is wrong: no other worker would take it either.
+    Refused(String),
+    /// The worker is full; try another.
+    Overloaded,
+    /// The worker's view was stale (model not loaded after all, shutting down); try another.
+    Stale,
+    /// The worker answered with a failure before any token reached the caller.
+    Failed(String),
+    /// The worker's process or pipe went away before any token reached the caller.
+    WorkerGone(String),
+    /// The worker failed after tokens reached the caller.
+    FailedMidStream(String),
+}
+
+/// Counts a request against a slot until the stream ends.
+struct RequestGuard {
+    slot: Arc<Slot>,
+    key: String,
+    model: String,
+}
+
+impl RequestGuard {
+    fn new(slot: &Arc<Slot>, key: String, model: &str) -> RequestGuard {
+        slot.inflight.fetch_add(1, Relaxed);
+        let mut s = slot.lock();
+        s.requests.insert(key.clone(), model.to_string());
+        if let Some(m) = s.models.get_mut(model) {
+            m.last_used = Instant::now();
+        }
+        RequestGuard { slot: slot.clone(), key, model: model.to_string() }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.slot.inflight.fetch_sub(1, Relaxed);
+        let mut s = self.slot.lock();
+        s.requests.remove(&self.key);
+        if let Some(m) = s.models.get_mut(&self.model) {
+            m.last_used = Instant::now();
+        }
+    }
+}
+
+impl Pool {
+    /// Starts the configured number of workers. Returns at once; workers become ready in the
+    /// background ([`Pool::wait_ready`]).
+    pub fn start(config: Config) -> Arc<Pool> {
+        let r = &config.retry;
+        let budget = RetryBudget::new(RetryConfig { ratio: r.ratio, floor: r.floor, base: ms(r.base_ms), cap: ms(r.cap_ms) });
+        let rng = match config.pool.seed {
+            Some(seed) => SmallRng::seed_from_u64(seed),
+            None => SmallRng::from_os_rng(),
+        };
+        let workers = config.pool.workers;
+        let changed = Arc::new(Notify::new());
+        let config = Arc::new(RwLock::new(config));
+        let pool = Arc::new(Pool {
+            ctx: Arc::new(SlotContext { config: config.clone(), changed: changed.clone() }),
+            config,
+            slots: Mutex::new(Vec::new()),
+            next_slot: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
+            budget: Arc::new(budget),
+            rng: Mutex::new(rng),
+            changed,
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        for _ in 0..workers {
+            pool.add_slot();
+        }
+        pool
+    }
+
+    pub fn config(&self) -> Config {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn add_slot(&self) -> Arc<Slot> {
+        let config = self.config();
+        let desired: BTreeSet<String> = config.models.iter().filter(|m| m.preload).map(|m| m.name.clone()).collect();
+        let b = &config.breaker;
+        let breaker = Breaker::new(BreakerConfig {
+            failure_threshold: b.failure_threshold,
+            base_ejection: ms(b.base_ejection_ms),
+            max_ejection: ms(b.max_ejection_ms),
+        });
+        let r = &config.restart;
+        let restart = RestartTracker::new(RestartPolicy {
+            min_delay: ms(r.min_delay_ms),
+            max_delay: ms(r.max_delay_ms),
+            max_spawns: r.max_spawns,
+            window: ms(r.window_ms),
+        });
+        let id = self.next_slot.fetch_add(1, Relaxed);
+        let slot = Slot::start(id, desired, breaker, restart, self.ctx.clone());
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.push(slot.clone());
+        }
+        self.changed.notify_waiters();
+        slot
+    }
+
+    fn slot(&self, id: u64) -> Result<Arc<Slot>, PoolError> {
+        let slots = self.slots();
+        slots.iter().find(|s| s.id == id).cloned().ok_or_else(|| PoolError::UnknownWorker {
+            id,
+            known: slots.iter().map(|s| s.id).collect(),
+        })
+    }
+
+    /// Waits until at least `n` workers are ready, or `within` passes.
+    pub async fn wait_ready(&self, n: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let notified = self.changed.notified();
+            if self.ready_count() >= n {
+                return true;
+            }
+            if timeout_at(deadline, notified).await.is_err() {
+                return self.ready_count() >= n;
+            }
+        }
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.slots().iter().filter(|s| s.lock().state == WorkerState::Ready).count()
+    }
+
+    /// Starts a request. The stream yields its events; an error, if any, is the last item.
+    /// Dropping the receiver cancels the request on its worker.
+    pub fn generate(self: &Arc<Self>, request: GenerateRequest) -> mpsc::Receiver<StreamItem> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(self.clone().run_request(request, tx));
+        rx
+    }
+
+    async fn run_request(self: Arc<Self>, request: GenerateRequest, tx: mpsc::Sender<StreamItem>) {
+        let _active = self.budget.start_request();
+        if let Err(e) = self.admit(&request) {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        let retry_config = self.budget.config().clone();
+        let mut exclude = HashSet::new();
+        let mut overloaded = HashSet::new();
+        let mut attempts = 0u32;
+        let mut last_error = String::new();
+        loop {
+            attempts += 1;
+            let (slot, conn) = match self.choose(&request.model, &exclude).await {
+                Ok(choice) => choice,
+                Err(e) => {
+                    let e = if attempts > 1 && !last_error.is_empty() {
+                        PoolError::RetriesExhausted { attempts: attempts - 1, last: last_error }
+                    } else {
+                        e
+                    };
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
+            let mut attempt_request = request.clone();
+            attempt_request.id = key.clone();
+            let guard = RequestGuard::new(&slot, key, &request.model);
+            let outcome = self.attempt(&slot, &conn, attempt_request, &tx).await;
+            drop(guard);
+            let record = |o: Outcome| self.record(&slot, o);
+            match outcome {
+                Attempt::Done => return record(Outcome::Success),
+                Attempt::CallerGone => return record(Outcome::Ignored),
+                Attempt::Refused(message) => {
+                    record(Outcome::Ignored);
+                    let _ = tx.send(Err(PoolError::InvalidRequest { message })).await;
+                    return;
+                }
+                Attempt::Overloaded => {
+                    record(Outcome::Ignored);
+                    exclude.insert((slot.id, conn.generation));
+                    overloaded.insert((slot.id, conn.generation));
+                    if overloaded.len() >= self.serving_count(&request.model) {
+                        let _ = tx.send(Err(PoolError::Overloaded)).await;
+                        return;
+                    }
+                    continue;
+                }
+                Attempt::Stale => {
+                    record(Outcome::Ignored);
+                    exclude.insert((slot.id, conn.generation));
+                    continue;
+                }
+                Attempt::FailedMidStream(message) => {
+                    record(Outcome::Failure);
+                    let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
+                    return;
+                }
+                Attempt::Failed(message) | Attempt::WorkerGone(message) if attempts >= MAX_ATTEMPTS => {
+                    record(Outcome::Failure);
+                    let _ = tx.send(Err(PoolError::RetriesExhausted { attempts, last: message })).await;
+                    return;
+                }
+                Attempt::WorkerGone(message) => {
+                    // The worker died: its requests that had not started are moved to another
+                    // worker. That replays each of them once, so it does not spend the retry
+                    // budget, which guards against retry storms on live but failing workers.
+                    record(Outcome::Failure);
+                    tracing::info!(worker = slot.id, request = %request.id, %message, "moving the request off a dead worker");
+                    exclude.insert((slot.id, conn.generation));
+                    last_error = message;
+                    sleep(self.retry_delay(&retry_config, attempts)).await;
+                }
+                Attempt::Failed(message) => {
+                    record(Outcome::Failure);
+                    tracing::warn!(worker = slot.id, request = %request.id, %message, "attempt failed before the first token");
+                    exclude.insert((slot.id, conn.generation));
+                    last_error = message;
+                    let Some(_permit) = self.budget.try_retry() else {
+                        let _ = tx.send(Err(PoolError::RetriesExhausted { attempts, last: last_error })).await;
+                        return;
+                    };
+                    sleep(self.retry_delay(&retry_config, attempts)).await;
+                }
+            }
+        }
+    }
+
+    fn retry_delay(&self, config: &RetryConfig, attempt: u32) -> Duration {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        retry_delay(config, attempt, &mut *rng)
+    }
+
+    fn admit(&self, request: &GenerateRequest) -> Result<(), PoolError> {
+        if self.shutting_down.load(Relaxed) {
+            return Err(PoolError::ShuttingDown);
+        }
+        let config = self.config();
+        if config.model(&request.model).is_none() {
+            return Err(PoolError::UnknownModel {
+                model: request.model.clone(),
+                configured: config.models.iter().map(|m| m.name.clone()).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// One attempt on one worker: forwards its events to the caller.
+    async fn attempt(&self, slot: &Arc<Slot>, conn: &Conn, request: GenerateRequest, tx: &mpsc::Sender<StreamItem>) -> Attempt {
+        let model = request.model.clone();
+        let mut sub = match conn.client.generate(request).await {
+            Ok(sub) => sub,
+            Err(ClientError::Call(e)) => {
+                return match ErrorCode::from_code(e.code()) {
+                    Some(ErrorCode::Overloaded) => Attempt::Overloaded,
+                    Some(ErrorCode::InvalidRequestParams | ErrorCode::InvalidParams) => {
+                        Attempt::Refused(e.message().to_string())
+                    }
+                    Some(ErrorCode::ModelNotLoaded) => {
+                        slot.lock().models.remove(&model);
+                        Attempt::Stale
+                    }
+                    Some(ErrorCode::ShuttingDown) => Attempt::Stale,
+                    _ => Attempt::Failed(e.to_string()),
+                };
+            }
+            // The connection is gone (or never answered): the worker died or hangs.
+            Err(e) => return Attempt::WorkerGone(e.to_string()),
+        };
+        let mut emitted = false;
+        loop {
+            let event = match sub.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    let message = format!("unreadable event: {e}");
+                    return if emitted { Attempt::FailedMidStream(message) } else { Attempt::Failed(message) };
+                }
+                None => {
+                    let message = "the worker went away".to_string();
+                    return if emitted { Attempt::FailedMidStream(message) } else { Attempt::WorkerGone(message) };
+                }
+            };
+            let (last, failed) = match &event {
+                GenerateEvent::Token(_) => (false, None),
+                GenerateEvent::Final(f) if f.finish_reason == FinishReason::Error => {
+                    (true, Some(f.error.as_ref().map_or_else(|| "engine error".to_string(), |e| e.message.clone())))
+                }
+                GenerateEvent::Final(_) => (true, None),
+            };
+            if let (Some(message), false) = (&failed, emitted) {
+                return Attempt::Failed(message.clone());
+            }
+            if tx.send(Ok(event)).await.is_err() {
+                return Attempt::CallerGone;
+            }
+            emitted = true;
+            if last {
+                return match failed {
+                    Some(message) => Attempt::FailedMidStream(message),
+                    None => Attempt::Done,
+                };
+            }
+        }
+    }
+
+    /// Feeds a worker's breaker; never ejects more than half the pool.
+    fn record(&self, slot: &Arc<Slot>, outcome: Outcome) {
+        let now = Instant::now();
+        let slots = self.slots();
+        let open = slots
+            .iter()
+            .filter(|s| s.id != slot.id && matches!(s.lock().breaker.state(now), BreakerState::Open { .. }))
+            .count();
+        let may_open = (open + 1) * 2 <= slots.len();
+        slot.lock().breaker.record(outcome, now, may_open);
+    }
+
+    /// Workers that are ready and serve `model`.
+    fn serving_count(&self, model: &str) -> usize {
+        self.slots()
+            .iter()
+            .filter(|s| {
+                let s = s.lock();
+                s.state == WorkerState::Ready && s.models.contains_key(model)
+            })
+            .count()
+    }
+
+    /// Picks a worker for `model`, waiting for one up to the queue timeout. Loads the model on
+    /// the least busy ready worker when no worker has it.
+    async fn choose(&self, model: &str, exclude: &HashSet<(u64, u64)>) -> Result<(Arc<Slot>, Arc<Conn>), PoolError> {
+        let waited = ms(self.config().pool.queue_timeout_ms);
+        let deadline = Instant::now() + waited;
+        loop {
+            let notified = self.changed.notified();
+            if self.shutting_down.load(Relaxed) {
+                return Err(PoolError::ShuttingDown);
+            }
+            if let Some(choice) = self.try_choose(model, exclude, true) {
+                return Ok(choice);
+            }
+            if let Some((slot, _)) = self.try_choose(model, exclude, false) {
+                match self.load_on(&slot, model).await {
+                    Ok(()) => continue,
+                    Err(e) => tracing::warn!(worker = slot.id, model, "on-demand load failed: {e}"),
+                }
+            }
+            let poll = Instant::now() + Duration::from_millis(250);
+            if timeout_at(deadline.min(poll), notified).await.is_err() && Instant::now() >= deadline {
+                return Err(PoolError::NoWorker { model: model.to_string(), waited_ms: waited.as_millis() as u64 });
+            }
+        }
+    }
+
+    /// The least busy eligible worker. With `loaded`, only workers that have the model loaded;
+    /// without, any ready worker (to load it on).
+    fn try_choose(&self, model: &str, exclude: &HashSet<(u64, u64)>, loaded: bool) -> Option<(Arc<Slot>, Arc<Conn>)> {
+        let now = Instant::now();
+        let mut eligible = Vec::new();
+        for slot in self.slots() {
+            let mut s = slot.lock();
+            let Some(conn) = s.conn.clone() else { continue };
+            if s.state != WorkerState::Ready || s.drain || exclude.contains(&(slot.id, conn.generation)) {
+                continue;
+            }
+            if loaded != s.models.contains_key(model) && loaded {
+                continue;
+            }
+            if matches!(s.breaker.state(now), BreakerState::Open { .. }) {
+                continue;
+            }
+            let beat = s.heartbeat.as_ref().map_or(0, |h| h.active_sequences + h.queue_depth);
+            let load = slot.inflight.load(Relaxed).max(beat);
+            drop(s);
+            eligible.push((slot, conn, load));
+        }
+        let mut candidates: Vec<Candidate> =
+            eligible.iter().map(|(s, _, load)| Candidate { id: s.id, load: *load, prefix_hit: false }).collect();
+        while !candidates.is_empty() {
+            let id = {
+                let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+                pick(&candidates, 0, &mut *rng)?
+            };
+            let (slot, conn, _) = eligible.iter().find(|(s, _, _)| s.id == id)?;
+            if slot.lock().breaker.try_acquire(now) {
+                return Some((slot.clone(), conn.clone()));
+            }
+            candidates.retain(|c| c.id != id);
+        }
+        None
+    }
+
+    /// Loads `model` on a slot's current worker, first unloading least recently used idle models
+    /// when the memory budget requires it.
+    async fn load_on(&self, slot: &Arc<Slot>, model: &str) -> Result<(), PoolError> {
+        let config = self.config();
+        let Some(m) = config.model(model) else {
+            return Err(PoolError::UnknownModel {
+                model: model.to_string(),
+                configured: config.models.iter().map(|m| m.name.clone()).collect(),
+            });
+        };
+        let Some(conn) = slot.lock().conn.clone() else {
+            return Err(PoolError::Conflict { message: format!("worker {} is not running", slot.id) });
+        };
+        if config.pool.memory_budget_bytes > 0 {
+            self.make_room(slot, &conn, model_bytes(&m.path), config.pool.memory_budget_bytes).await?;
+        }
+        let info = conn
+            .client
+            .load_model(m.name.clone(), m.path.display().to_string())
+            .await
+            .map_err(|e| PoolError::Conflict { message: format!("loading `{model}` on worker {}: {e}", slot.id) })?;
+        let mut s = slot.lock();
+        if s.conn.as_ref().is_some_and(|c| c.generation == conn.generation) {
+            s.models.insert(model.to_string(), LoadedModel { info, last_used: Instant::now() });
+        }
+        drop(s);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Unloads idle models, least recently used first, until `need` more bytes fit the budget.
+    async fn make_room(&self, slot: &Arc<Slot>, conn: &Conn, need: u64, budget: u64) -> Result<(), PoolError> {
+        loop {
+            let (used, victim) = {
+                let s = slot.lock();
+                let used: u64 = s.models.values().map(|m| m.info.weight_bytes).sum();
+                let victim = s
+                    .models
+                    .iter()
+                    .filter(|(name, _)| !s.requests.values().any(|r| r == *name))
+                    .min_by_key(|(_, m)| m.last_used)
+                    .map(|(name, _)| name.clone());
+                (used, victim)
+            };
+            if used + need <= budget {
+                return Ok(());
+            }
+            let Some(victim) = victim else {
+                return Err(PoolError::Conflict {
+                    message: format!(
+                        "worker {} cannot fit {need} more bytes of weights in its budget of {budget} (in use: {used}, nothing idle to evict)",
+                        slot.id
+                    ),
+                });
+            };
+            tracing::info!(worker = slot.id, model = %victim, "evicting the least recently used idle model");
+            let _ = conn.client.unload_model(victim.clone()).await;
+            slot.lock().models.remove(&victim);
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let now = Instant::now();
+        let workers = self.slots().iter().map(|slot| WorkerStatus::of(slot, now)).collect();
+        let config = self.config();
+        PoolStatus {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            target_workers: config.pool.workers,
+            ready_workers: self.ready_count(),
+            active_requests: self.budget.active(),
+            retrying_requests: self.budget.retrying(),
+            models: config.models.iter().map(|m| m.name.clone()).collect(),
+            shutting_down: self.shutting_down.load(Relaxed),
+            workers,
+        }
+    }
+
+    /// Stops routing new requests to a worker; its requests finish.
+    pub fn drain(&self, id: u64) -> Result<(), PoolError> {
+        let slot = self.slot(id)?;
+        let mut s = slot.lock();
+        s.drain = true;
+        if s.state == WorkerState::Ready {
+            s.state = WorkerState::Draining;
+        }
+        drop(s);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    pub fn undrain(&self, id: u64) -> Result<(), PoolError> {
+        let slot = self.slot(id)?;
+        let mut s = slot.lock();
+        s.drain = false;
+        if s.state == WorkerState::Draining {
+            s.state = WorkerState::Ready;
+        }
+        drop(s);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Restarts one worker: graceful stop, then a new process in the same slot.
+    pub fn restart(&self, id: u64) -> Result<(), PoolError> {
+        let slot = self.slot(id)?;
+        self.drain(id)?;
+        slot.lock().drain = false;
+        slot.send(crate::worker::slot::SlotCommand::Restart);
+        Ok(())
+    }
+
+    /// Replaces every worker, one at a time: start the replacement, wait until it is ready with
+    /// its models, drain the old worker, stop it. Ready capacity never drops below its level at
+    /// the start.
+    pub async fn rolling_restart(&self) -> Result<Vec<u64>, PoolError> {
+        let config = self.config();
+        let old = self.slots();
+        let mut replaced = Vec::new();
+        for slot in old {
+            let before = self.ready_count();
+            let fresh = self.add_slot();
+            {
+                let desired = slot.lock().desired.clone();
+                fresh.lock().desired.extend(desired);
+            }
+            let deadline = Instant::now() + ms(config.pool.start_timeout_ms);
+            loop {
+                let notified = self.changed.notified();
+                if fresh.lock().state == WorkerState::Ready && self.ready_count() > before.min(self.slots().len() - 1) {
+                    break;
+                }
+                if timeout_at(deadline, notified).await.is_err() {
+                    self.remove_slot(&fresh, false).await;
+                    return Err(PoolError::Conflict {
+                        message: format!("the replacement for worker {} did not become ready; rolling restart stopped", slot.id),
+                    });
+                }
+            }
+            self.retire(&slot, &config).await;
+            replaced.push(slot.id);
+        }
+        Ok(replaced)
+    }
+
+    /// Drains a slot, waits for its requests (up to the drain deadline), stops it and removes it.
+    async fn retire(&self, slot: &Arc<Slot>, config: &Config) {
+        let _ = self.drain(slot.id);
+        let deadline = Instant::now() + ms(config.pool.drain_deadline_ms);
+        while slot.inflight.load(Relaxed) > 0 && Instant::now() < deadline {
+            sleep(Duration::from_millis(10)).await;
+        }
+        self.remove_slot(slot, true).await;
+    }
+
+    async fn remove_slot(&self, slot: &Arc<Slot>, graceful: bool) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.retain(|s| s.id != slot.id);
+        }
+        slot.stop(graceful).await;
+        self.changed.notify_waiters();
+    }
+
+    /// Loads a model on the given workers (all when `None`), now and whenever they restart.
+    pub async fn prefetch(&self, model: &str, workers: Option<Vec<u64>>) -> Result<Vec<u64>, PoolError> {
+        let targets = self.targets(workers)?;
+        let config = self.config();
+        if config.model(model).is_none() {
+            return Err(PoolError::UnknownModel { model: model.to_string(), configured: config.models.iter().map(|m| m.name.clone()).collect() });
+        }
+        let mut done = Vec::new();
+        for slot in targets {
+            slot.lock().desired.insert(model.to_string());
+            if slot.lock().conn.is_some() {
+                self.load_on(&slot, model).await?;
+            }
+            done.push(slot.id);
+        }
+        Ok(done)
+    }
+
+    /// Unloads a model from the given workers (all when `None`).
+    pub async fn unload(&self, model: &str, workers: Option<Vec<u64>>) -> Result<Vec<u64>, PoolError> {
+        let targets = self.targets(workers)?;
+        let config = self.config();
+        if config.model(model).is_none() {
+            return Err(PoolError::UnknownModel { model: model.to_string(), configured: config.models.iter().map(|m| m.name.clone()).collect() });
+        }
+        let mut done = Vec::new();
+        for slot in targets {
+            let conn = {
+                let mut s = slot.lock();
+                s.desired.remove(model);
+                s.models.remove(model).and(s.conn.clone())
+            };
+            if let Some(conn) = conn {
+                conn.client
+                    .unload_model(model.to_string())
+                    .await
+                    .map_err(|e| PoolError::Conflict { message: format!("unloading `{model}` from worker {}: {e}", slot.id) })?;
+                done.push(slot.id);
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(done)
+    }
+
+    fn targets(&self, workers: Option<Vec<u64>>) -> Result<Vec<Arc<Slot>>, PoolError> {
+        match workers {
+            None => Ok(self.slots()),
+            Some(ids) => ids.into_iter().map(|id| self.slot(id)).collect(),
+        }
+    }
+
+    /// Grows or shrinks the pool to `n` workers; shrinking drains and stops the newest first.
+    pub async fn scale(&self, n: usize) -> Result<usize, PoolError> {
+        if let Ok(mut c) = self.config.write() {
+            c.pool.workers = n;
+        }
+        let config = self.config();
+        let mut slots = self.slots();
+        while slots.len() < n {
+            self.add_slot();
+            slots = self.slots();
+        }
+        if slots.len() > n {
+            // Workers that are not serving go first, then the newest.
+            slots.sort_by_key(|s| (s.lock().state == WorkerState::Ready, std::cmp::Reverse(s.id)));
+            let extra: Vec<Arc<Slot>> = slots.into_iter().take(self.slots().len() - n).collect();
+            for slot in extra {
+                self.retire(&slot, &config).await;
+            }
+        }
+        Ok(self.slots().len())
+    }
+
+    /// Replaces the configuration (validated by the caller) and applies the worker count.
+    pub async fn reload(&self, config: Config) -> Result<usize, PoolError> {
+        let workers = config.pool.workers;
+        if let Ok(mut c) = self.config.write() {
+            *c = config;
+        }
+        self.scale(workers).await
+    }
+
+    /// Stops admitting, lets requests finish within `deadline`, stops every worker.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.shutting_down.store(true, Relaxed);
+        self.changed.notify_waiters();
+        let end = Instant::now() + deadline;
+        while self.budget.active() > 0 && Instant::now() < end {
+            sleep(Duration::from_millis(10)).await;
+        }
+        let stops = self.slots().into_iter().map(|slot| async move { slot.stop(true).await });
+        for stop in stops.collect::<Vec<_>>() {
+            stop.await;
+        }
+    }
+}
+
+/// Bytes of a model's weight files, to check a memory budget before loading it.
+fn model_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,3 @@
+//! One worker slot: the process and the actor that owns it.
+pub mod process;
+pub mod slot;

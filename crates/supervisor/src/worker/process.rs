@@ -1,0 +1,113 @@
+//! A worker process: spawned in a process group of its own, its stdin/stdout a JSON-RPC client,
+//! the last lines of its stderr kept for crash reports.
+use std::collections::VecDeque;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonrpsee::core::client::{Client, ClientBuilder};
+use mlx_serving_protocol::framing::{DEFAULT_MAX_LINE_BYTES, LineReader, PipeReceiver, PipeSender};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// Lines of a worker's stderr kept for its crash report.
+pub const STDERR_TAIL_LINES: usize = 64;
+/// Longest stderr line kept; longer lines are cut.
+const STDERR_LINE_BYTES: usize = 4096;
+
+/// The last lines a process wrote to stderr.
+#[derive(Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    fn push(&self, line: String) {
+        if let Ok(mut t) = self.0.lock() {
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+pub struct Process {
+    pub child: Child,
+    pub pid: u32,
+    pub client: Arc<Client>,
+    pub stderr: StderrTail,
+}
+
+/// Starts `command` (program and arguments) with `extra` arguments, in its own process group,
+/// and connects a client to its pipes.
+pub fn spawn(command: &[String], extra: &[String], worker: u64, request_timeout: Duration) -> std::io::Result<Process> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the worker command is empty"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(std::io::Error::other("the worker's pipes are missing"));
+    };
+    let client = ClientBuilder::default()
+        .request_timeout(request_timeout)
+        .max_buffer_capacity_per_subscription(64 * 1024)
+        .build_with_tokio(PipeSender(stdin), PipeReceiver(LineReader::new(stdout, DEFAULT_MAX_LINE_BYTES)));
+    let tail = StderrTail::default();
+    let keep = tail.clone();
+    tokio::spawn(async move {
+        let mut lines = LineReader::new(stderr, STDERR_LINE_BYTES);
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    tracing::info!(target: "worker", worker, "{line}");
+                    keep.push(line);
+                }
+                Ok(None) => return,
+                Err(e) if e.is_recoverable() => keep.push(format!("<{e}>")),
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(Process { child, pid, client: Arc::new(client), stderr: tail })
+}
+
+/// Sends `signal` to the worker's process group (the worker and anything it started).
+pub fn signal_group(pid: u32, signal: Signal) {
+    if pid == 0 {
+        return;
+    }
+    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
+        if e != nix::errno::Errno::ESRCH {
+            tracing::warn!(pid, "killpg({signal}) failed: {e}");
+        }
+    }
+}
+
+/// How a process ended, in words: `exit status 3`, `signal 9 (SIGKILL)`.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        return format!("exit status {code}");
+    }
+    match status.signal() {
+        Some(sig) => match Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({s})"),
+            Err(_) => format!("signal {sig}"),
+        },
+        None => "unknown".into(),
+    }
+}

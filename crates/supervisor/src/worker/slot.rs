@@ -1,0 +1,464 @@
+//! A slot of the pool: an actor task that owns one worker process at a time, watches it, and
+//! replaces it when it dies or hangs. The rest of the supervisor holds an `Arc<Slot>`: routing
+//! reads its state, requests count themselves against it, commands go through its channel.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use jsonrpsee::core::client::{Client, Subscription, SubscriptionClientT};
+use mlx_serving_protocol::{HEARTBEAT_METHOD, Heartbeat, ModelInfo, PROTOCOL_VERSION, WorkerRpcClient};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::breaker::Breaker;
+use crate::config::{Config, ms};
+use crate::restart::{Decision, RestartTracker};
+use crate::worker::process::{self, Process, describe_exit};
+
+/// Crash records kept per slot.
+const CRASHES_KEPT: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Spawned; handshake and model loads in progress.
+    Starting,
+    /// Takes requests.
+    Ready,
+    /// Finishes its requests and takes no new ones.
+    Draining,
+    /// Being shut down.
+    Stopping,
+    /// Not running; a replacement is due after the backoff.
+    Exited,
+    /// Died too often: retried slowly.
+    Quarantined,
+}
+
+/// What is known about one worker death.
+#[derive(Clone, Debug, Serialize)]
+pub struct CrashRecord {
+    /// Seconds since the Unix epoch.
+    pub at_unix_s: f64,
+    pub pid: u32,
+    /// `exit status 3`, `signal 9 (SIGKILL)`, `hung: no heartbeat for 5.0 s`, `spawn failed: ...`.
+    pub reason: String,
+    /// Requests in flight on it when it died.
+    pub in_flight: Vec<String>,
+    pub stderr_tail: Vec<String>,
+}
+
+/// A model loaded on the slot's current worker.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub last_used: Instant,
+}
+
+/// The slot's current connection: valid until the process it belongs to dies.
+pub struct Conn {
+    pub client: Arc<Client>,
+    /// Counts processes in this slot; a retry goes to another (slot, generation).
+    pub generation: u64,
+}
+
+pub enum SlotCommand {
+    /// Stop the worker (graceful: shutdown call with the drain deadline first) and end the slot.
+    Stop { graceful: bool, done: oneshot::Sender<()> },
+    /// Stop the worker gracefully and start a new one at once.
+    Restart,
+}
+
+/// State shared by the slot's task and the rest of the supervisor.
+pub struct SlotInner {
+    pub state: WorkerState,
+    pub conn: Option<Arc<Conn>>,
+    pub pid: Option<u32>,
+    pub generation: u64,
+    pub started_at: Option<SystemTime>,
+    pub ready_at: Option<Instant>,
+    pub models: BTreeMap<String, LoadedModel>,
+    /// Models to load whenever a worker starts in this slot.
+    pub desired: BTreeSet<String>,
+    pub heartbeat: Option<Heartbeat>,
+    pub breaker: Breaker,
+    pub restarts: u64,
+    pub crashes: VecDeque<CrashRecord>,
+    /// Set by drain: no new requests.
+    pub drain: bool,
+    /// In-flight request ids and their models.
+    pub requests: BTreeMap<String, String>,
+    /// When a backoff or quarantine wait ends.
+    pub next_start: Option<Instant>,
+}
+
+pub struct Slot {
+    pub id: u64,
+    /// Requests counted against this slot until their streams end.
+    pub inflight: Arc<AtomicUsize>,
+    inner: Mutex<SlotInner>,
+    commands: mpsc::UnboundedSender<SlotCommand>,
+}
+
+/// What the slot's task reads from the pool.
+pub struct SlotContext {
+    pub config: Arc<std::sync::RwLock<Config>>,
+    /// Notified whenever any slot changes state.
+    pub changed: Arc<Notify>,
+}
+
+impl SlotContext {
+    fn config(&self) -> Config {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Slot {
+    /// Creates a slot and starts its task.
+    pub fn start(id: u64, desired: BTreeSet<String>, breaker: Breaker, restart: RestartTracker, ctx: Arc<SlotContext>) -> Arc<Slot> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slot = Arc::new(Slot {
+            id,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            inner: Mutex::new(SlotInner {
+                state: WorkerState::Starting,
+                conn: None,
+                pid: None,
+                generation: 0,
+                started_at: None,
+                ready_at: None,
+                models: BTreeMap::new(),
+                desired,
+                heartbeat: None,
+                breaker,
+                restarts: 0,
+                crashes: VecDeque::new(),
+                drain: false,
+                requests: BTreeMap::new(),
+                next_start: None,
+            }),
+            commands: tx,
+        });
+        tokio::spawn(run(slot.clone(), ctx, restart, rx));
+        slot
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn send(&self, command: SlotCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// Stops the worker and ends the slot's task.
+    pub async fn stop(&self, graceful: bool) {
+        let (done, rx) = oneshot::channel();
+        if self.send(SlotCommand::Stop { graceful, done }) {
+            let _ = rx.await;
+        }
+    }
+
+    fn set_state(&self, ctx: &SlotContext, state: WorkerState) {
+        self.lock().state = state;
+        ctx.changed.notify_waiters();
+    }
+}
+
+/// How a running worker's watch ended.
+enum Ended {
+    Exited(ExitStatus),
+    Hung(String),
+    Disconnected,
+    Command(SlotCommand),
+}
+
+async fn run(slot: Arc<Slot>, ctx: Arc<SlotContext>, mut restart: RestartTracker, mut commands: mpsc::UnboundedReceiver<SlotCommand>) {
+    loop {
+        let config = ctx.config();
+        let p = &config.pool;
+        restart.on_spawn(Instant::now());
+        let generation = {
+            let mut s = slot.lock();
+            s.generation += 1;
+            s.state = WorkerState::Starting;
+            s.next_start = None;
+            s.generation
+        };
+        ctx.changed.notify_waiters();
+        let extra = vec!["--heartbeat-ms".to_string(), p.heartbeat_interval_ms.to_string()];
+        let ended = match process::spawn(&config.worker_command(), &extra, slot.id, ms(p.start_timeout_ms)) {
+            Ok(mut proc) => {
+                {
+                    let mut s = slot.lock();
+                    s.pid = Some(proc.pid);
+                    s.started_at = Some(SystemTime::now());
+                }
+                let ended = serve(&slot, &ctx, &config, &mut proc, generation, &mut restart, &mut commands).await;
+                finish(&slot, &ctx, &config, &mut proc, ended).await
+            }
+            Err(e) => {
+                let reason = format!("spawn failed: {e}");
+                record_crash(&slot, 0, reason.clone(), Vec::new());
+                Finished::Crashed(reason)
+            }
+        };
+        let reason = match ended {
+            Finished::Crashed(reason) => reason,
+            Finished::Stopped(done) => {
+                slot.set_state(&ctx, WorkerState::Exited);
+                let _ = done.send(());
+                return;
+            }
+            Finished::Restart => {
+                slot.lock().restarts += 1;
+                continue;
+            }
+        };
+        let decision = restart.next(Instant::now());
+        let (state, after) = match decision {
+            Decision::Restart { after } => (WorkerState::Exited, after),
+            Decision::Quarantine { after } => (WorkerState::Quarantined, after),
+        };
+        tracing::warn!(worker = slot.id, %reason, ?state, next_start_in = ?after, "worker died");
+        {
+            let mut s = slot.lock();
+            s.state = state;
+            s.restarts += 1;
+            s.next_start = Some(Instant::now() + after);
+        }
+        ctx.changed.notify_waiters();
+        tokio::select! {
+            _ = sleep(after) => {}
+            command = commands.recv() => match command {
+                Some(SlotCommand::Stop { done, .. }) => {
+                    slot.set_state(&ctx, WorkerState::Exited);
+                    let _ = done.send(());
+                    return;
+                }
+                Some(SlotCommand::Restart) => {}
+                None => return,
+            }
+        }
+    }
+}
+
+enum Finished {
+    /// The worker died or hung; the reason is recorded.
+    Crashed(String),
+    Stopped(oneshot::Sender<()>),
+    Restart,
+}
+
+/// Starts the worker (handshake, models), then watches it until it ends.
+async fn serve(
+    slot: &Arc<Slot>,
+    ctx: &SlotContext,
+    config: &Config,
+    proc: &mut Process,
+    generation: u64,
+    restart: &mut RestartTracker,
+    commands: &mut mpsc::UnboundedReceiver<SlotCommand>,
+) -> Ended {
+    let client = proc.client.clone();
+    let mut beats = match client.subscribe_to_method::<Heartbeat>(HEARTBEAT_METHOD).await {
+        Ok(b) => b,
+        Err(e) => return Ended::Hung(format!("no heartbeat subscription: {e}")),
+    };
+    let desired: Vec<String> = slot.lock().desired.iter().cloned().collect();
+    let start = timeout(ms(config.pool.start_timeout_ms), start_worker(&client, config, &desired));
+    let loaded = tokio::select! {
+        r = start => match r {
+            Ok(Ok(models)) => models,
+            Ok(Err(e)) => return Ended::Hung(format!("start failed: {e}")),
+            Err(_) => return Ended::Hung(format!("not ready within {} ms", config.pool.start_timeout_ms)),
+        },
+        status = proc.child.wait() => return status.map_or(Ended::Disconnected, Ended::Exited),
+        command = commands.recv() => return command.map_or(Ended::Disconnected, Ended::Command),
+    };
+    {
+        let now = Instant::now();
+        let mut s = slot.lock();
+        s.models = loaded.into_iter().map(|info| (info.model.clone(), LoadedModel { info, last_used: now })).collect();
+        s.conn = Some(Arc::new(Conn { client: client.clone(), generation }));
+        s.ready_at = Some(now);
+        s.heartbeat = None;
+        s.state = if s.drain { WorkerState::Draining } else { WorkerState::Ready };
+    }
+    restart.on_ready(Instant::now());
+    ctx.changed.notify_waiters();
+    tracing::info!(worker = slot.id, pid = proc.pid, generation, "worker ready");
+    watch(slot, config, proc, &mut beats, commands).await
+}
+
+/// Handshake and model loads of a new worker.
+async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> Result<Vec<ModelInfo>, String> {
+    let hs = client.handshake().await.map_err(|e| format!("handshake: {e}"))?;
+    let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
+    if major(&hs.protocol_version) != major(PROTOCOL_VERSION) {
+        return Err(format!("protocol version {} is not compatible with {PROTOCOL_VERSION}", hs.protocol_version));
+    }
+    let mut loaded = Vec::new();
+    for name in desired {
+        let Some(m) = config.model(name) else { continue };
+        let info = client
+            .load_model(m.name.clone(), m.path.display().to_string())
+            .await
+            .map_err(|e| format!("loading `{name}`: {e}"))?;
+        loaded.push(info);
+    }
+    Ok(loaded)
+}
+
+/// Watches a ready worker: exit, pipe EOF, heartbeats, stalls, idle models and commands.
+async fn watch(
+    slot: &Arc<Slot>,
+    config: &Config,
+    proc: &mut Process,
+    beats: &mut Subscription<Heartbeat>,
+    commands: &mut mpsc::UnboundedReceiver<SlotCommand>,
+) -> Ended {
+    let p = &config.pool;
+    let heartbeat_timeout = ms(p.heartbeat_timeout_ms);
+    let stall_timeout = ms(p.stall_timeout_ms);
+    let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
+    let mut progress = None;
+    let mut progress_at = Instant::now();
+    let mut tick = tokio::time::interval((stall_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500)));
+    let client = proc.client.clone();
+    loop {
+        tokio::select! {
+            status = proc.child.wait() => return status.map_or(Ended::Disconnected, Ended::Exited),
+            _ = client.on_disconnect() => return Ended::Disconnected,
+            beat = beats.next() => match beat {
+                Some(Ok(hb)) => {
+                    let now = Instant::now();
+                    heartbeat_deadline = now + heartbeat_timeout;
+                    if progress != Some(hb.progress) {
+                        progress = Some(hb.progress);
+                        progress_at = now;
+                    }
+                    slot.lock().heartbeat = Some(hb);
+                }
+                Some(Err(e)) => tracing::warn!(worker = slot.id, "unreadable heartbeat: {e}"),
+                None => return Ended::Disconnected,
+            },
+            _ = sleep_until(heartbeat_deadline) => {
+                return Ended::Hung(format!("hung: no heartbeat for {:.1} s", heartbeat_timeout.as_secs_f64()));
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let busy = slot.inflight.load(Relaxed) > 0
+                    || slot.lock().heartbeat.as_ref().is_some_and(|h| h.active_sequences > 0 || h.queue_depth > 0);
+                if !busy {
+                    progress_at = now;
+                } else if now.duration_since(progress_at) > stall_timeout {
+                    return Ended::Hung(format!("hung: busy with no progress for {:.1} s", stall_timeout.as_secs_f64()));
+                }
+                unload_idle_models(slot, config, &client, now);
+            }
+            command = commands.recv() => return command.map_or(Ended::Disconnected, Ended::Command),
+        }
+    }
+}
+
+/// Unloads models whose keep-alive has passed with no request in flight.
+fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &Arc<Client>, now: Instant) {
+    let idle: Vec<String> = {
+        let s = slot.lock();
+        s.models
+            .iter()
+            .filter(|(name, m)| {
+                let keep = config.model(name).map_or(0, |c| c.keep_alive_s);
+                keep > 0
+                    && now.duration_since(m.last_used) >= Duration::from_secs(keep)
+                    && !s.requests.values().any(|r| r == *name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    for name in idle {
+        slot.lock().models.remove(&name);
+        tracing::info!(worker = slot.id, model = %name, "unloading idle model");
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.unload_model(name.clone()).await {
+                tracing::warn!(model = %name, "idle unload failed: {e}");
+            }
+        });
+    }
+}
+
+/// Ends the worker process after its watch ended, records a crash where it was one.
+async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut Process, ended: Ended) -> Finished {
+    {
+        let mut s = slot.lock();
+        s.conn = None;
+        s.models.clear();
+        s.heartbeat = None;
+    }
+    ctx.changed.notify_waiters();
+    let reason = match ended {
+        Ended::Exited(status) => describe_exit(&status),
+        Ended::Disconnected => {
+            // Pipe EOF first: the exit status follows at once, or the process is cut loose.
+            process::signal_group(proc.pid, Signal::SIGKILL);
+            let status = proc.child.wait().await;
+            format!("stdout closed ({})", status.map_or_else(|e| e.to_string(), |s| describe_exit(&s)))
+        }
+        Ended::Hung(reason) => {
+            process::signal_group(proc.pid, Signal::SIGKILL);
+            let _ = proc.child.wait().await;
+            reason
+        }
+        Ended::Command(command) => {
+            slot.set_state(ctx, WorkerState::Stopping);
+            let graceful = !matches!(command, SlotCommand::Stop { graceful: false, .. });
+            stop_process(proc, config, graceful).await;
+            return match command {
+                SlotCommand::Stop { done, .. } => Finished::Stopped(done),
+                SlotCommand::Restart => Finished::Restart,
+            };
+        }
+    };
+    record_crash(slot, proc.pid, reason.clone(), proc.stderr.lines());
+    Finished::Crashed(reason)
+}
+
+fn record_crash(slot: &Slot, pid: u32, reason: String, stderr_tail: Vec<String>) {
+    let mut s = slot.lock();
+    let record = CrashRecord {
+        at_unix_s: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        pid,
+        reason,
+        in_flight: s.requests.keys().cloned().collect(),
+        stderr_tail,
+    };
+    if s.crashes.len() == CRASHES_KEPT {
+        s.crashes.pop_front();
+    }
+    s.crashes.push_back(record);
+}
+
+/// Graceful: the shutdown call with the drain deadline, then SIGTERM, then SIGKILL after the
+/// grace period. Not graceful: SIGTERM, then SIGKILL.
+async fn stop_process(proc: &mut Process, config: &Config, graceful: bool) {
+    let p = &config.pool;
+    if graceful {
+        let deadline = ms(p.drain_deadline_ms);
+        let _ = timeout(Duration::from_secs(1), proc.client.shutdown(p.drain_deadline_ms)).await;
+        if timeout(deadline + Duration::from_secs(1), proc.child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    process::signal_group(proc.pid, Signal::SIGTERM);
+    if timeout(ms(p.stop_grace_ms), proc.child.wait()).await.is_ok() {
+        return;
+    }
+    process::signal_group(proc.pid, Signal::SIGKILL);
+    let _ = proc.child.wait().await;
+}
