@@ -42,6 +42,10 @@ pub struct Pool {
     changed: Arc<Notify>,
     shutting_down: AtomicBool,
     started: Instant,
+    /// Requests moved off a dead worker before their first token.
+    moved: AtomicU64,
+    /// Requests retried after a failure answer before their first token.
+    retried: AtomicU64,
 }
 
 /// How one attempt on one worker ended.
@@ -117,6 +121,8 @@ impl Pool {
             changed,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
+            moved: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
         });
         for _ in 0..workers {
             pool.add_slot();
@@ -264,6 +270,7 @@ impl Pool {
                     tracing::info!(worker = slot.id, request = %request.id, %message, "moving the request off a dead worker");
                     exclude.insert((slot.id, conn.generation));
                     last_error = message;
+                    self.moved.fetch_add(1, Relaxed);
                     sleep(self.retry_delay(&retry_config, attempts)).await;
                 }
                 Attempt::Failed(message) => {
@@ -275,6 +282,7 @@ impl Pool {
                         let _ = tx.send(Err(PoolError::RetriesExhausted { attempts, last: last_error })).await;
                         return;
                     };
+                    self.retried.fetch_add(1, Relaxed);
                     sleep(self.retry_delay(&retry_config, attempts)).await;
                 }
             }
@@ -516,6 +524,8 @@ impl Pool {
             ready_workers: self.ready_count(),
             active_requests: self.budget.active(),
             retrying_requests: self.budget.retrying(),
+            moved_requests: self.moved.load(Relaxed),
+            retried_requests: self.retried.load(Relaxed),
             models: config.models.iter().map(|m| m.name.clone()).collect(),
             shutting_down: self.shutting_down.load(Relaxed),
             workers,

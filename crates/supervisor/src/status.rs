@@ -11,6 +11,10 @@ pub struct PoolStatus {
     pub ready_workers: usize,
     pub active_requests: usize,
     pub retrying_requests: usize,
+    /// Requests moved off a dead worker before their first token, since start.
+    pub moved_requests: u64,
+    /// Requests retried after a failure answer before their first token, since start.
+    pub retried_requests: u64,
     /// Models in the configuration.
     pub models: Vec<String>,
     pub shutting_down: bool,

@@ -1,0 +1,139 @@
+//! Operations on a live pool with real workers: rolling restart under load, drain, prefetch,
+//! unload, idle unload, scaling.
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use common::*;
+use mlx_serving_protocol::FinishReason;
+use mlx_serving_supervisor::worker::slot::WorkerState;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = started(config(2)).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut clients = Vec::new();
+        for c in 0..4 {
+            let (pool, stop, ok, failed) = (pool.clone(), stop.clone(), ok.clone(), failed.clone());
+            clients.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Relaxed) {
+                    let o = collect(&pool, request(&format!("c{c}-{i}"), &format!("client {c} request {i}"), 16)).await;
+                    match o.last {
+                        Ok(f) if f.finish_reason == FinishReason::Length => ok.fetch_add(1, Relaxed),
+                        other => {
+                            eprintln!("failed: {other:?}");
+                            failed.fetch_add(1, Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            }));
+        }
+        // Ready capacity is sampled all along: it never drops below 2.
+        let watching = Arc::new(AtomicBool::new(true));
+        let min_ready = Arc::new(AtomicUsize::new(usize::MAX));
+        let watcher = {
+            let (pool, watching, min_ready) = (pool.clone(), watching.clone(), min_ready.clone());
+            tokio::spawn(async move {
+                while watching.load(Relaxed) {
+                    min_ready.fetch_min(pool.ready_count(), Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let old: Vec<u64> = pool.status().workers.iter().map(|w| w.id).collect();
+        let replaced = pool.rolling_restart().await.expect("rolling restart");
+        assert_eq!(replaced, old);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Relaxed);
+        for c in clients {
+            c.await.unwrap();
+        }
+        watching.store(false, Relaxed);
+        watcher.await.unwrap();
+        let status = pool.status();
+        assert_eq!(failed.load(Relaxed), 0, "requests failed during the rolling restart");
+        assert!(ok.load(Relaxed) > 8, "too little load to mean anything: {}", ok.load(Relaxed));
+        assert!(min_ready.load(Relaxed) >= 2, "ready capacity fell to {}", min_ready.load(Relaxed));
+        let now: Vec<u64> = status.workers.iter().map(|w| w.id).collect();
+        assert_eq!(now.len(), 2);
+        assert!(now.iter().all(|id| !old.contains(id)), "old workers remain: {now:?}");
+        assert!(status.workers.iter().all(|w| w.state == WorkerState::Ready && w.models.iter().any(|m| m.name == "m")));
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_prefetch_unload_and_idle_unload_show_in_status() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = config(2);
+        c.models[1].keep_alive_s = 1;
+        let pool = started(c).await;
+
+        // Drain: no new work goes to worker 0.
+        pool.drain(0).unwrap();
+        assert_eq!(pool.status().workers[0].state, WorkerState::Draining);
+        for i in 0..4 {
+            let o = collect(&pool, request(&format!("d{i}"), "while draining", 4)).await;
+            assert!(o.last.is_ok());
+        }
+        assert_eq!(pool.status().workers[0].progress.unwrap().decoded_tokens, 0, "a drained worker got work");
+        pool.undrain(0).unwrap();
+        assert_eq!(pool.status().workers[0].state, WorkerState::Ready);
+        assert!(pool.drain(99).unwrap_err().to_string().contains("no worker with id 99"));
+
+        // Prefetch m2 on worker 1 only.
+        let memory_of = |id: u64| pool.status().workers.iter().find(|w| w.id == id).and_then(|w| w.memory).map_or(0, |m| m.active);
+        let before = memory_of(1);
+        assert_eq!(pool.prefetch("m2", Some(vec![1])).await.unwrap(), vec![1]);
+        let models = |id: u64| -> Vec<String> {
+            pool.status().workers.iter().find(|w| w.id == id).unwrap().models.iter().map(|m| m.name.clone()).collect()
+        };
+        assert_eq!(models(1), ["m", "m2"]);
+        assert_eq!(models(0), ["m"]);
+        assert!(eventually(Duration::from_secs(5), || memory_of(1) > before).await, "memory did not rise after the load");
+        let loaded = memory_of(1);
+
+        // Unload: the model leaves status and the worker's memory falls.
+        assert_eq!(pool.unload("m2", Some(vec![1])).await.unwrap(), vec![1]);
+        assert_eq!(models(1), ["m"]);
+        assert!(eventually(Duration::from_secs(5), || memory_of(1) < loaded).await, "memory did not fall after unload");
+        assert!(pool.prefetch("nope", None).await.unwrap_err().to_string().contains("`nope` is not configured"));
+
+        // On demand, then idle unload after the 1 s keep-alive.
+        let mut r = request("m2-req", "hello", 4);
+        r.model = "m2".into();
+        assert!(collect(&pool, r).await.last.is_ok());
+        let holders = || pool.status().workers.iter().filter(|w| w.models.iter().any(|m| m.name == "m2")).count();
+        assert_eq!(holders(), 1, "m2 was loaded on demand on one worker");
+        assert!(eventually(Duration::from_secs(10), || holders() == 0).await, "m2 was not unloaded when idle");
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_adds_and_removes_workers() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = started(config(1)).await;
+        assert_eq!(pool.scale(3).await.unwrap(), 3);
+        assert!(pool.wait_ready(3, Duration::from_secs(60)).await);
+        assert_eq!(pool.scale(1).await.unwrap(), 1);
+        let status = pool.status();
+        assert_eq!(status.workers.len(), 1);
+        assert_eq!(status.target_workers, 1);
+        assert!(collect(&pool, request("after", "scaled down", 4)).await.last.is_ok());
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
