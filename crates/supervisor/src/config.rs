@@ -24,6 +24,22 @@ pub struct Config {
     pub breaker: BreakerSettings,
     pub restart: RestartSettings,
     pub retry: RetrySettings,
+    pub admin: AdminConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `HOST:PORT` or `unix:PATH`. A non-loopback address needs `token`.
+    pub listen: String,
+    /// Bearer token the admin API requires; none when absent.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:8081".into(), token: None }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //!   hangs.
 //! - [`breaker`], [`restart`], [`retry`], [`route`]: the small state machines those use.
 //! - [`config`]: the TOML configuration.
+pub mod admin;
 pub mod breaker;
 pub mod config;
 pub mod error;

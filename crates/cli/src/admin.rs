@@ -1,0 +1,144 @@
+//! `mlx-serving admin`: calls the admin API of a running supervisor and prints the answer for
+//! people, or as JSON with `--json`.
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use mlx_serving_supervisor::admin::{Listen, call};
+use serde_json::{Value, json};
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// The supervisor's admin address: `HOST:PORT` or `unix:PATH`.
+    #[arg(long, env = "MLX_SERVING_ADMIN", default_value = "127.0.0.1:8081")]
+    addr: String,
+    /// Bearer token, when the admin API requires one.
+    #[arg(long, env = "MLX_SERVING_ADMIN_TOKEN")]
+    token: Option<String>,
+    /// Print the JSON result as it came.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Every worker: state, pid, load, models, memory, breaker, restarts, last crash.
+    Status,
+    /// Take no new requests on a worker; its requests finish.
+    Drain {
+        #[arg(allow_negative_numbers = true)]
+        worker: i64,
+    },
+    /// Take requests on a drained worker again.
+    Undrain {
+        #[arg(allow_negative_numbers = true)]
+        worker: i64,
+    },
+    /// Restart a worker gracefully.
+    Restart {
+        #[arg(allow_negative_numbers = true)]
+        worker: i64,
+    },
+    /// Replace every worker, one at a time, without losing capacity.
+    RollingRestart,
+    /// Load a configured model on workers ahead of traffic.
+    Prefetch {
+        model: String,
+        /// Comma-separated worker ids; all workers when absent.
+        #[arg(long, value_delimiter = ',')]
+        workers: Option<Vec<i64>>,
+    },
+    /// Unload a model from workers.
+    Unload {
+        model: String,
+        #[arg(long, value_delimiter = ',')]
+        workers: Option<Vec<i64>>,
+    },
+    /// Grow or shrink the pool to N workers.
+    Scale {
+        /// Passed to the API as given; it refuses what is out of range.
+        #[arg(allow_negative_numbers = true)]
+        workers: i64,
+    },
+    /// Read the configuration file again.
+    Reload,
+}
+
+pub fn run(args: AdminArgs) -> Result<()> {
+    let listen = Listen::parse(&args.addr).map_err(anyhow::Error::msg)?;
+    let (method, params) = match &args.command {
+        AdminCommand::Status => ("status", json!({})),
+        AdminCommand::Drain { worker } => ("drain", json!({ "worker": worker })),
+        AdminCommand::Undrain { worker } => ("undrain", json!({ "worker": worker })),
+        AdminCommand::Restart { worker } => ("restart", json!({ "worker": worker })),
+        AdminCommand::RollingRestart => ("rolling_restart", json!({})),
+        AdminCommand::Prefetch { model, workers } => ("prefetch", json!({ "model": model, "workers": workers })),
+        AdminCommand::Unload { model, workers } => ("unload", json!({ "model": model, "workers": workers })),
+        AdminCommand::Scale { workers } => ("scale", json!({ "workers": workers })),
+        AdminCommand::Reload => ("reload_config", json!({})),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = runtime.block_on(call(&listen, args.token.as_deref(), method, params));
+    match result {
+        Ok(v) if args.json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Ok(v) if method == "status" => print_status(&v),
+        Ok(v) => println!("{method}: {}", compact(&v)),
+        Err(e) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "error": e }))?);
+            }
+            match e.get("code") {
+                Some(code) => bail!("{method} failed ({code}): {}", e["message"].as_str().unwrap_or("")),
+                None => bail!("{method} failed: {}", e["message"].as_str().unwrap_or("")),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn compact(v: &Value) -> String {
+    match v.as_object() {
+        Some(o) => o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+        None => v.to_string(),
+    }
+}
+
+fn mib(v: &Value) -> String {
+    v.as_u64().map_or("-".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64))
+}
+
+fn print_status(v: &Value) {
+    println!(
+        "workers: {} ready of {} target; requests: {} active, {} moved off dead workers, {} retried; uptime {:.0} s{}",
+        v["ready_workers"],
+        v["target_workers"],
+        v["active_requests"],
+        v["moved_requests"],
+        v["retried_requests"],
+        v["uptime_s"].as_f64().unwrap_or(0.0),
+        if v["shutting_down"] == true { "; SHUTTING DOWN" } else { "" },
+    );
+    println!(
+        "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  models",
+        "id", "state", "pid", "gen", "load", "rss MiB", "mlx MiB", "breaker", "restarts"
+    );
+    for w in v["workers"].as_array().into_iter().flatten() {
+        let models: Vec<&str> = w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+        println!(
+            "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}",
+            w["id"],
+            w["state"].as_str().unwrap_or("?"),
+            w["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+            w["generation"],
+            w["in_flight"],
+            mib(&w["memory"]["rss"]),
+            mib(&w["memory"]["active"]),
+            w["breaker"].as_str().unwrap_or("?"),
+            w["restarts"],
+            models.join(","),
+        );
+        if let Some(c) = w["last_crash"].as_object() {
+            println!("       last crash: {} (pid {}, {} requests in flight)", c["reason"].as_str().unwrap_or("?"), c["pid"], c["in_flight"].as_array().map_or(0, Vec::len));
+        }
+    }
+}
