@@ -126,15 +126,15 @@ fn print_status(v: &Value) {
         let models: Vec<&str> = w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
         println!(
             "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}",
-            w["id"],
+            w["id"].to_string(),
             w["state"].as_str().unwrap_or("?"),
             w["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
-            w["generation"],
-            w["in_flight"],
+            w["generation"].to_string(),
+            w["in_flight"].to_string(),
             mib(&w["memory"]["rss"]),
             mib(&w["memory"]["active"]),
             w["breaker"].as_str().unwrap_or("?"),
-            w["restarts"],
+            w["restarts"].to_string(),
             models.join(","),
         );
         if let Some(c) = w["last_crash"].as_object() {

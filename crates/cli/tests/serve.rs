@@ -92,10 +92,10 @@ async fn admin(s: &Supervisor, method: &str, params: Value) -> Result<Value, Val
 async fn ready(s: &Supervisor, n: usize) -> Vec<i32> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(status) = admin(s, "status", json!({})).await {
-            if status["ready_workers"].as_u64() == Some(n as u64) {
-                return status["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
-            }
+        if let Ok(status) = admin(s, "status", json!({})).await
+            && status["ready_workers"].as_u64() == Some(n as u64)
+        {
+            return status["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
         }
         assert!(Instant::now() < deadline, "the supervisor did not get {n} ready workers");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -110,6 +110,13 @@ fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => !cfg!(target_os = "linux"),
+    }
+}
+
+fn addr(listen: &Listen) -> String {
+    match listen {
+        Listen::Tcp(a) => a.to_string(),
+        Listen::Unix(p) => format!("unix:{}", p.display()),
     }
 }
 
@@ -157,7 +164,7 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
 
         // The CLI prints the same for people.
         let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
-            .args(["admin", "--addr", &format!("{}", match &s.listen { Listen::Tcp(a) => a.to_string(), Listen::Unix(_) => unreachable!() })])
+            .args(["admin", "--addr", &addr(&s.listen)])
             .args(["--token", TOKEN, "status"])
             .output()
             .unwrap();
@@ -165,7 +172,7 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
         assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("2 ready of 2 target") && text.contains("m,m2"), "{text}");
         let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
-            .args(["admin", "--addr", &format!("{}", match &s.listen { Listen::Tcp(a) => a.to_string(), Listen::Unix(_) => unreachable!() })])
+            .args(["admin", "--addr", &addr(&s.listen)])
             .args(["--token", TOKEN, "scale", "-3"])
             .output()
             .unwrap();

@@ -203,7 +203,7 @@ impl Pool {
             let _ = tx.send(Err(e)).await;
             return;
         }
-        let retry_config = self.budget.config().clone();
+        let retry_config = *self.budget.config();
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
         let mut attempts = 0u32;

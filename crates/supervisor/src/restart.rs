@@ -3,7 +3,8 @@
 //! After a worker dies the slot waits before spawning again. The wait grows
 //! exponentially from `min_delay` (doubling, capped at `max_delay`) with
 //! jitter that adds up to one more delay, so every wait lies in
-//! `[min_delay, 2 × max_delay)`. The backoff starts again from `min_delay`
+//! `[min_delay, 2 × max_delay)`; the first wait after a healthy run is exactly
+//! `min_delay`. The backoff starts again from `min_delay`
 //! when the worker that died had been ready for at least `window`.
 //!
 //! Independently of the backoff, no more than `max_spawns` spawns happen
@@ -80,6 +81,8 @@ pub struct RestartTracker {
     total_spawns: u64,
     /// When the current worker became ready; cleared on spawn.
     ready_at: Option<Instant>,
+    /// No death since the backoff started over: the next wait is exactly `min_delay`.
+    fresh: bool,
 }
 
 impl RestartTracker {
@@ -91,6 +94,7 @@ impl RestartTracker {
             recent_spawns: VecDeque::new(),
             total_spawns: 0,
             ready_at: None,
+            fresh: true,
         }
     }
 
@@ -118,8 +122,16 @@ impl RestartTracker {
             && now.saturating_duration_since(ready_at) >= self.policy.window
         {
             self.backoff = build_backoff(&self.policy);
+            self.fresh = true;
         }
-        let delay = self.next_delay();
+        // The first death after a healthy run is restarted after exactly `min_delay`, so a
+        // single crash is replaced quickly; jitter spreads the later ones.
+        let delay = if std::mem::take(&mut self.fresh) {
+            let _ = self.next_delay();
+            self.policy.min_delay.max(SMALLEST_DELAY)
+        } else {
+            self.next_delay()
+        };
 
         self.prune(now);
         // The next spawn must see at most `max_spawns - 1` earlier spawns in
@@ -237,6 +249,22 @@ mod tests {
         // After enough doublings the delay sits at the cap, jitter included.
         let d = tracker.next_delay();
         assert!(d >= policy.max_delay);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_death_after_a_healthy_run_waits_exactly_the_minimum() {
+        let policy = RestartPolicy::default();
+        let mut tracker = RestartTracker::new(policy);
+        for _ in 0..3 {
+            tracker.on_spawn(Instant::now());
+            tracker.on_ready(Instant::now());
+            advance(policy.window).await;
+            assert_eq!(tracker.next(Instant::now()), Decision::Restart { after: policy.min_delay });
+        }
+        // A quick second death backs off further.
+        tracker.on_spawn(Instant::now());
+        let d = tracker.next(Instant::now());
+        assert!(d.after() >= policy.min_delay * 2, "{d:?}");
     }
 
     #[tokio::test(start_paused = true)]

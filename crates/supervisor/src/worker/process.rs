@@ -90,10 +90,10 @@ pub fn signal_group(pid: u32, signal: Signal) {
     if pid == 0 {
         return;
     }
-    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
-        if e != nix::errno::Errno::ESRCH {
-            tracing::warn!(pid, "killpg({signal}) failed: {e}");
-        }
+    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal)
+        && e != nix::errno::Errno::ESRCH
+    {
+        tracing::warn!(pid, "killpg({signal}) failed: {e}");
     }
 }
 
