@@ -162,6 +162,24 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
         let names: Vec<&str> = status["workers"][1]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["m", "m2"]);
 
+        // Reloading the configuration applies a new worker count; a broken file is refused.
+        let path = s.dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("workers = 2", "workers = 3")).unwrap();
+        assert_eq!(admin(&s, "reload_config", json!({})).await.unwrap()["workers"], 3);
+        std::fs::write(&path, text.replace("workers = 2", "workers = 2\nbogus = 1")).unwrap();
+        let e = admin(&s, "reload_config", json!({})).await.unwrap_err();
+        assert_eq!(code(&e), 2005, "{e}");
+        assert!(e["message"].as_str().unwrap().contains("bogus"), "{e}");
+        std::fs::write(&path, &text).unwrap();
+        kill(Pid::from_raw(s.child.id() as i32), Signal::SIGHUP).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin(&s, "status", json!({})).await.unwrap()["workers"].as_array().unwrap().len() != 2 {
+            assert!(Instant::now() < deadline, "SIGHUP did not reload the configuration");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ready(&s, 2).await;
+
         // The CLI prints the same for people.
         let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
             .args(["admin", "--addr", &addr(&s.listen)])

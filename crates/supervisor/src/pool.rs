@@ -20,7 +20,7 @@ use crate::restart::{RestartPolicy, RestartTracker};
 use crate::retry::{RetryBudget, RetryConfig, retry_delay};
 use crate::route::{Candidate, pick};
 use crate::status::{PoolStatus, WorkerStatus};
-use crate::worker::slot::{Conn, LoadedModel, Slot, SlotContext, WorkerState};
+use crate::worker::slot::{Conn, LoadedModel, RequestEntry, Slot, SlotContext, WorkerState};
 
 /// Events of one request as the caller sees them; an `Err` is always the last item.
 pub type StreamItem = Result<GenerateEvent, PoolError>;
@@ -70,19 +70,20 @@ enum Attempt {
 /// Counts a request against a slot until the stream ends.
 struct RequestGuard {
     slot: Arc<Slot>,
+    conn: Arc<Conn>,
     key: String,
     model: String,
 }
 
 impl RequestGuard {
-    fn new(slot: &Arc<Slot>, key: String, model: &str) -> RequestGuard {
+    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str) -> RequestGuard {
         slot.inflight.fetch_add(1, Relaxed);
         let mut s = slot.lock();
-        s.requests.insert(key.clone(), model.to_string());
+        s.requests.insert(key.clone(), RequestEntry { model: model.to_string(), generation: conn.generation });
         if let Some(m) = s.models.get_mut(model) {
             m.last_used = Instant::now();
         }
-        RequestGuard { slot: slot.clone(), key, model: model.to_string() }
+        RequestGuard { slot: slot.clone(), conn: conn.clone(), key, model: model.to_string() }
     }
 }
 
@@ -90,7 +91,10 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.slot.inflight.fetch_sub(1, Relaxed);
         let mut s = self.slot.lock();
-        s.requests.remove(&self.key);
+        // If the worker died, the slot records the request in the crash record and drops it.
+        if self.conn.client.is_connected() {
+            s.requests.remove(&self.key);
+        }
         if let Some(m) = s.models.get_mut(&self.model) {
             m.last_used = Instant::now();
         }
@@ -225,7 +229,7 @@ impl Pool {
             let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
             let mut attempt_request = request.clone();
             attempt_request.id = key.clone();
-            let guard = RequestGuard::new(&slot, key, &request.model);
+            let guard = RequestGuard::new(&slot, &conn, key, &request.model);
             let outcome = self.attempt(&slot, &conn, attempt_request, &tx).await;
             drop(guard);
             let record = |o: Outcome| self.record(&slot, o);
@@ -492,7 +496,7 @@ impl Pool {
                 let victim = s
                     .models
                     .iter()
-                    .filter(|(name, _)| !s.requests.values().any(|r| r == *name))
+                    .filter(|(name, _)| !s.requests.values().any(|r| r.model == **name))
                     .min_by_key(|(_, m)| m.last_used)
                     .map(|(name, _)| name.clone());
                 (used, victim)

@@ -137,3 +137,23 @@ async fn scaling_adds_and_removes_workers() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_evicts_the_least_recently_used_idle_model() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = config(1);
+        // Room for the preloaded m (1.4 MB) or m2 (1.3 MB), not both.
+        c.pool.memory_budget_bytes = 2_000_000;
+        let pool = started(c).await;
+        let models = || -> Vec<String> { pool.status().workers[0].models.iter().map(|m| m.name.clone()).collect() };
+        assert_eq!(models(), ["m"]);
+        pool.prefetch("m2", None).await.unwrap();
+        assert_eq!(models(), ["m2"], "m was not evicted to make room");
+        // A request for m brings it back, evicting m2.
+        assert!(collect(&pool, request("back", "hello", 4)).await.last.is_ok());
+        assert_eq!(models(), ["m"]);
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -40,6 +40,8 @@ pub struct Process {
     pub pid: u32,
     pub client: Arc<Client>,
     pub stderr: StderrTail,
+    /// Ends when stderr closes.
+    pub stderr_done: tokio::task::JoinHandle<()>,
 }
 
 /// Starts `command` (program and arguments) with `extra` arguments, in its own process group,
@@ -68,7 +70,7 @@ pub fn spawn(command: &[String], extra: &[String], worker: u64, request_timeout:
         .build_with_tokio(PipeSender(stdin), PipeReceiver(LineReader::new(stdout, DEFAULT_MAX_LINE_BYTES)));
     let tail = StderrTail::default();
     let keep = tail.clone();
-    tokio::spawn(async move {
+    let stderr_done = tokio::spawn(async move {
         let mut lines = LineReader::new(stderr, STDERR_LINE_BYTES);
         loop {
             match lines.next_line().await {
@@ -82,7 +84,7 @@ pub fn spawn(command: &[String], extra: &[String], worker: u64, request_timeout:
             }
         }
     });
-    Ok(Process { child, pid, client: Arc::new(client), stderr: tail })
+    Ok(Process { child, pid, client: Arc::new(client), stderr: tail, stderr_done })
 }
 
 /// Sends `signal` to the worker's process group (the worker and anything it started).

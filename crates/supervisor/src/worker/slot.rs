@@ -59,6 +59,14 @@ pub struct LoadedModel {
     pub last_used: Instant,
 }
 
+/// A request in flight on a slot.
+#[derive(Clone, Debug)]
+pub struct RequestEntry {
+    pub model: String,
+    /// The worker process it was sent to.
+    pub generation: u64,
+}
+
 /// The slot's current connection: valid until the process it belongs to dies.
 pub struct Conn {
     pub client: Arc<Client>,
@@ -90,8 +98,9 @@ pub struct SlotInner {
     pub crashes: VecDeque<CrashRecord>,
     /// Set by drain: no new requests.
     pub drain: bool,
-    /// In-flight request ids and their models.
-    pub requests: BTreeMap<String, String>,
+    /// In-flight requests by id. A request whose worker died stays here until the death is
+    /// recorded, so the crash record lists it.
+    pub requests: BTreeMap<String, RequestEntry>,
     /// When a backoff or quarantine wait ends.
     pub next_start: Option<Instant>,
 }
@@ -172,10 +181,16 @@ impl Slot {
 /// How a running worker's watch ended.
 enum Ended {
     Exited(ExitStatus),
+    /// Handshake or model loads failed (often because the process is exiting).
+    StartFailed(String),
     Hung(String),
     Disconnected,
     Command(SlotCommand),
 }
+
+/// How long a worker whose pipe closed gets to exit by itself before SIGKILL, so its own exit
+/// status is what the crash record shows.
+const EXIT_GRACE: Duration = Duration::from_millis(200);
 
 async fn run(slot: Arc<Slot>, ctx: Arc<SlotContext>, mut restart: RestartTracker, mut commands: mpsc::UnboundedReceiver<SlotCommand>) {
     loop {
@@ -267,14 +282,14 @@ async fn serve(
     let client = proc.client.clone();
     let mut beats = match client.subscribe_to_method::<Heartbeat>(HEARTBEAT_METHOD).await {
         Ok(b) => b,
-        Err(e) => return Ended::Hung(format!("no heartbeat subscription: {e}")),
+        Err(e) => return Ended::StartFailed(format!("no heartbeat subscription: {e}")),
     };
     let desired: Vec<String> = slot.lock().desired.iter().cloned().collect();
     let start = timeout(ms(config.pool.start_timeout_ms), start_worker(&client, config, &desired));
     let loaded = tokio::select! {
         r = start => match r {
             Ok(Ok(models)) => models,
-            Ok(Err(e)) => return Ended::Hung(format!("start failed: {e}")),
+            Ok(Err(e)) => return Ended::StartFailed(format!("start failed: {e}")),
             Err(_) => return Ended::Hung(format!("not ready within {} ms", config.pool.start_timeout_ms)),
         },
         status = proc.child.wait() => return status.map_or(Ended::Disconnected, Ended::Exited),
@@ -285,6 +300,8 @@ async fn serve(
         let mut s = slot.lock();
         s.models = loaded.into_iter().map(|info| (info.model.clone(), LoadedModel { info, last_used: now })).collect();
         s.conn = Some(Arc::new(Conn { client: client.clone(), generation }));
+        // Entries left by requests of an earlier process that ended without a crash record.
+        s.requests.retain(|_, r| r.generation == generation);
         s.ready_at = Some(now);
         s.heartbeat = None;
         s.state = if s.drain { WorkerState::Draining } else { WorkerState::Ready };
@@ -376,7 +393,7 @@ fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &Arc<Client>, n
                 let keep = config.model(name).map_or(0, |c| c.keep_alive_s);
                 keep > 0
                     && now.duration_since(m.last_used) >= Duration::from_secs(keep)
-                    && !s.requests.values().any(|r| r == *name)
+                    && !s.requests.values().any(|r| r.model == **name)
             })
             .map(|(name, _)| name.clone())
             .collect()
@@ -404,12 +421,9 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
     ctx.changed.notify_waiters();
     let reason = match ended {
         Ended::Exited(status) => describe_exit(&status),
-        Ended::Disconnected => {
-            // Pipe EOF first: the exit status follows at once, or the process is cut loose.
-            process::signal_group(proc.pid, Signal::SIGKILL);
-            let status = proc.child.wait().await;
-            format!("stdout closed ({})", status.map_or_else(|e| e.to_string(), |s| describe_exit(&s)))
-        }
+        // Pipe EOF or a failed start: the process is usually exiting; its status says why.
+        Ended::Disconnected => exit_or_kill(proc).await.unwrap_or_else(|| "stdout closed; killed".into()),
+        Ended::StartFailed(reason) => exit_or_kill(proc).await.unwrap_or(reason),
         Ended::Hung(reason) => {
             process::signal_group(proc.pid, Signal::SIGKILL);
             let _ = proc.child.wait().await;
@@ -425,23 +439,38 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
             };
         }
     };
+    // The last stderr lines arrive as the pipe closes.
+    let _ = timeout(EXIT_GRACE, &mut proc.stderr_done).await;
     record_crash(slot, proc.pid, reason.clone(), proc.stderr.lines());
     Finished::Crashed(reason)
 }
 
 fn record_crash(slot: &Slot, pid: u32, reason: String, stderr_tail: Vec<String>) {
     let mut s = slot.lock();
+    let generation = s.generation;
+    let in_flight = s.requests.iter().filter(|(_, r)| r.generation == generation).map(|(id, _)| id.clone()).collect();
+    s.requests.retain(|_, r| r.generation != generation);
     let record = CrashRecord {
         at_unix_s: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
         pid,
         reason,
-        in_flight: s.requests.keys().cloned().collect(),
+        in_flight,
         stderr_tail,
     };
     if s.crashes.len() == CRASHES_KEPT {
         s.crashes.pop_front();
     }
     s.crashes.push_back(record);
+}
+
+/// Waits briefly for the process to exit by itself and describes how; kills it otherwise.
+async fn exit_or_kill(proc: &mut Process) -> Option<String> {
+    if let Ok(Ok(status)) = timeout(EXIT_GRACE, proc.child.wait()).await {
+        return Some(describe_exit(&status));
+    }
+    process::signal_group(proc.pid, Signal::SIGKILL);
+    let _ = proc.child.wait().await;
+    None
 }
 
 /// Graceful: the shutdown call with the drain deadline, then SIGTERM, then SIGKILL after the
