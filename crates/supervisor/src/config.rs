@@ -25,6 +25,40 @@ pub struct Config {
     pub restart: RestartSettings,
     pub retry: RetrySettings,
     pub admin: AdminConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `HOST:PORT` of the OpenAI-compatible API.
+    pub listen: String,
+    /// Accepted bearer tokens; the API is open when empty. Health and metrics stay open.
+    pub api_keys: Vec<String>,
+    /// Largest request body; beyond it 413.
+    pub max_body_bytes: usize,
+    /// `max_tokens` when the request gives none.
+    pub default_max_tokens: usize,
+    /// The model `/ready` checks; the first configured model when absent.
+    pub default_model: Option<String>,
+    /// `/ready` answers 200 when at least this many workers are ready with the default model.
+    pub min_ready_workers: usize,
+    /// Seconds between SSE keep-alive comments on a quiet stream (a long prefill).
+    pub sse_keep_alive_s: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            api_keys: Vec::new(),
+            max_body_bytes: 1 << 20,
+            default_max_tokens: 512,
+            default_model: None,
+            min_ready_workers: 1,
+            sse_keep_alive_s: 15,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +103,11 @@ pub struct PoolConfig {
     pub queue_timeout_ms: u64,
     /// Seed of the routing tie-breaker; random when absent.
     pub seed: Option<u64>,
+    /// Requests in the supervisor (waiting or running) for all models together; beyond it
+    /// requests are refused at once (HTTP 429 with Retry-After).
+    pub max_queue: usize,
+    /// The same bound for each model.
+    pub max_queue_per_model: usize,
 }
 
 impl Default for PoolConfig {
@@ -85,6 +124,8 @@ impl Default for PoolConfig {
             memory_budget_bytes: 0,
             queue_timeout_ms: 30_000,
             seed: None,
+            max_queue: 512,
+            max_queue_per_model: 256,
         }
     }
 }

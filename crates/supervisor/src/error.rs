@@ -11,6 +11,9 @@ pub enum PoolError {
     /// The request itself is wrong; the message names the field.
     #[error("{message}")]
     InvalidRequest { message: String },
+    /// The supervisor's bound on waiting and running requests is reached.
+    #[error("too many requests for {scope} (limit {limit}); retry in {retry_after_s} s")]
+    QueueFull { scope: String, limit: usize, retry_after_s: u64 },
     /// Every worker that could take the request is full.
     #[error("all workers are busy; retry later")]
     Overloaded,

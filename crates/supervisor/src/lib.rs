@@ -7,9 +7,11 @@
 //! - [`breaker`], [`restart`], [`retry`], [`route`]: the small state machines those use.
 //! - [`config`]: the TOML configuration.
 pub mod admin;
+pub mod api;
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pool;
 pub mod restart;
 pub mod retry;
@@ -19,4 +21,4 @@ pub mod worker;
 
 pub use config::Config;
 pub use error::PoolError;
-pub use pool::{Pool, StreamItem};
+pub use pool::{Pool, PoolEvent, StreamItem};

@@ -22,8 +22,20 @@ use crate::route::{Candidate, pick};
 use crate::status::{PoolStatus, WorkerStatus};
 use crate::worker::slot::{Conn, LoadedModel, RequestEntry, Slot, SlotContext, WorkerState};
 
+/// What a request's stream carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoolEvent {
+    /// A worker accepted the request; sent once, before any token. A caller that must choose a
+    /// status code waits for this or an error.
+    Started,
+    Event(GenerateEvent),
+}
+
 /// Events of one request as the caller sees them; an `Err` is always the last item.
-pub type StreamItem = Result<GenerateEvent, PoolError>;
+pub type StreamItem = Result<PoolEvent, PoolError>;
+
+/// Completions remembered to measure the drain rate.
+const DRAIN_WINDOW: Duration = Duration::from_secs(10);
 
 /// Events buffered per request between the pool and its caller.
 const STREAM_BUFFER: usize = 256;
@@ -46,6 +58,33 @@ pub struct Pool {
     moved: AtomicU64,
     /// Requests retried after a failure answer before their first token.
     retried: AtomicU64,
+    /// Requests in the pool (waiting or running) per model.
+    per_model: Mutex<std::collections::HashMap<String, usize>>,
+    /// When recent requests ended, for the drain rate behind Retry-After.
+    finished: Mutex<std::collections::VecDeque<Instant>>,
+}
+
+/// Counts a request against its model's and the global bound until it ends.
+struct Admission {
+    pool: Arc<Pool>,
+    model: String,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.pool.per_model.lock()
+            && let Some(n) = m.get_mut(&self.model)
+        {
+            *n = n.saturating_sub(1);
+        }
+        if let Ok(mut f) = self.pool.finished.lock() {
+            let now = Instant::now();
+            f.push_back(now);
+            while f.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
+                f.pop_front();
+            }
+        }
+    }
 }
 
 /// How one attempt on one worker ended.
@@ -127,6 +166,8 @@ impl Pool {
             started: Instant::now(),
             moved: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            per_model: Mutex::new(std::collections::HashMap::new()),
+            finished: Mutex::new(std::collections::VecDeque::new()),
         });
         for _ in 0..workers {
             pool.add_slot();
@@ -195,18 +236,25 @@ impl Pool {
 
     /// Starts a request. The stream yields its events; an error, if any, is the last item.
     /// Dropping the receiver cancels the request on its worker.
+    ///
+    /// Over the configured bounds (requests per model, requests in all) the stream is one
+    /// `QueueFull` error at once.
     pub fn generate(self: &Arc<Self>, request: GenerateRequest) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().run_request(request, tx));
+        match self.admit(&request) {
+            Ok(admission) => {
+                tokio::spawn(self.clone().run_request(request, tx, admission));
+            }
+            Err(e) => {
+                let _ = tx.try_send(Err(e));
+            }
+        }
         rx
     }
 
-    async fn run_request(self: Arc<Self>, request: GenerateRequest, tx: mpsc::Sender<StreamItem>) {
+    async fn run_request(self: Arc<Self>, request: GenerateRequest, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
         let _active = self.budget.start_request();
-        if let Err(e) = self.admit(&request) {
-            let _ = tx.send(Err(e)).await;
-            return;
-        }
+        let mut started = false;
         let retry_config = *self.budget.config();
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
@@ -230,7 +278,7 @@ impl Pool {
             let mut attempt_request = request.clone();
             attempt_request.id = key.clone();
             let guard = RequestGuard::new(&slot, &conn, key, &request.model);
-            let outcome = self.attempt(&slot, &conn, attempt_request, &tx).await;
+            let outcome = self.attempt(&slot, &conn, attempt_request, &tx, &mut started).await;
             drop(guard);
             let record = |o: Outcome| self.record(&slot, o);
             match outcome {
@@ -275,6 +323,7 @@ impl Pool {
                     exclude.insert((slot.id, conn.generation));
                     last_error = message;
                     self.moved.fetch_add(1, Relaxed);
+                    crate::metrics::retry("moved");
                     sleep(self.retry_delay(&retry_config, attempts)).await;
                 }
                 Attempt::Failed(message) => {
@@ -287,6 +336,7 @@ impl Pool {
                         return;
                     };
                     self.retried.fetch_add(1, Relaxed);
+                    crate::metrics::retry("retried");
                     sleep(self.retry_delay(&retry_config, attempts)).await;
                 }
             }
@@ -298,7 +348,8 @@ impl Pool {
         retry_delay(config, attempt, &mut *rng)
     }
 
-    fn admit(&self, request: &GenerateRequest) -> Result<(), PoolError> {
+    /// Checks the model and the bounds and counts the request in.
+    fn admit(self: &Arc<Self>, request: &GenerateRequest) -> Result<Admission, PoolError> {
         if self.shutting_down.load(Relaxed) {
             return Err(PoolError::ShuttingDown);
         }
@@ -309,11 +360,48 @@ impl Pool {
                 configured: config.models.iter().map(|m| m.name.clone()).collect(),
             });
         }
-        Ok(())
+        let mut per_model = self.per_model.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = per_model.values().sum();
+        let mine = per_model.get(&request.model).copied().unwrap_or(0);
+        let full = if total >= config.pool.max_queue {
+            Some(("all models".to_string(), config.pool.max_queue, total))
+        } else if mine >= config.pool.max_queue_per_model {
+            Some((format!("model `{}`", request.model), config.pool.max_queue_per_model, mine))
+        } else {
+            None
+        };
+        if let Some((scope, limit, depth)) = full {
+            return Err(PoolError::QueueFull { scope, limit, retry_after_s: self.retry_after(depth) });
+        }
+        *per_model.entry(request.model.clone()).or_insert(0) += 1;
+        Ok(Admission { pool: self.clone(), model: request.model.clone() })
+    }
+
+    /// Seconds for `depth` requests to drain at the rate requests ended lately (1 to 60).
+    fn retry_after(&self, depth: usize) -> u64 {
+        let now = Instant::now();
+        let recent = self.finished.lock().map_or(0, |f| f.iter().filter(|t| now.duration_since(**t) <= DRAIN_WINDOW).count());
+        if recent == 0 {
+            return 1;
+        }
+        let rate = recent as f64 / DRAIN_WINDOW.as_secs_f64();
+        ((depth as f64 / rate).ceil() as u64).clamp(1, 60)
+    }
+
+    /// Requests in the pool (waiting or running) for `model`.
+    pub fn queue_depth(&self, model: &str) -> usize {
+        self.per_model.lock().map_or(0, |m| m.get(model).copied().unwrap_or(0))
     }
 
     /// One attempt on one worker: forwards its events to the caller.
-    async fn attempt(&self, slot: &Arc<Slot>, conn: &Conn, request: GenerateRequest, tx: &mpsc::Sender<StreamItem>) -> Attempt {
+    async fn attempt(
+        &self,
+        slot: &Arc<Slot>,
+        conn: &Conn,
+        request: GenerateRequest,
+        tx: &mpsc::Sender<StreamItem>,
+        started: &mut bool,
+    ) -> Attempt {
         let model = request.model.clone();
         let mut sub = match conn.client.generate(request).await {
             Ok(sub) => sub,
@@ -334,6 +422,12 @@ impl Pool {
             // The connection is gone (or never answered): the worker died or hangs.
             Err(e) => return Attempt::WorkerGone(e.to_string()),
         };
+        if !*started {
+            *started = true;
+            if tx.send(Ok(PoolEvent::Started)).await.is_err() {
+                return Attempt::CallerGone;
+            }
+        }
         let mut emitted = false;
         loop {
             let event = match sub.next().await {
@@ -357,7 +451,7 @@ impl Pool {
             if let (Some(message), false) = (&failed, emitted) {
                 return Attempt::Failed(message.clone());
             }
-            if tx.send(Ok(event)).await.is_err() {
+            if tx.send(Ok(PoolEvent::Event(event))).await.is_err() {
                 return Attempt::CallerGone;
             }
             emitted = true;

@@ -234,6 +234,7 @@ async fn run(slot: Arc<Slot>, ctx: Arc<SlotContext>, mut restart: RestartTracker
                 continue;
             }
         };
+        crate::metrics::restart(crate::metrics::reason_class(&reason));
         let decision = restart.next(Instant::now());
         let (state, after) = match decision {
             Decision::Restart { after } => (WorkerState::Exited, after),
@@ -346,6 +347,8 @@ async fn watch(
     let mut progress = None;
     let mut progress_at = Instant::now();
     let mut tick = tokio::time::interval((stall_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500)));
+    let heartbeat_interval = ms(p.heartbeat_interval_ms);
+    let mut next_ping = Instant::now();
     let client = proc.client.clone();
     loop {
         tokio::select! {
@@ -377,6 +380,18 @@ async fn watch(
                     return Ended::Hung(format!("hung: busy with no progress for {:.1} s", stall_timeout.as_secs_f64()));
                 }
                 unload_idle_models(slot, config, &client, now);
+                if now >= next_ping {
+                    next_ping = now + heartbeat_interval;
+                    let (client, worker) = (client.clone(), slot.id);
+                    // The handshake is answered off the engine thread: a round trip through
+                    // the worker's pipes and RPC loop.
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        if timeout(heartbeat_interval, client.handshake()).await.is_ok_and(|r| r.is_ok()) {
+                            crate::metrics::heartbeat_rtt(worker, t.elapsed().as_secs_f64());
+                        }
+                    });
+                }
             }
             command = commands.recv() => return command.map_or(Ended::Disconnected, Ended::Command),
         }

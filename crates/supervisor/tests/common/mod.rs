@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mlx_serving_protocol::{FinalEvent, GenerateEvent, GenerateRequest, Prompt, Sampling};
 use mlx_serving_supervisor::config::ModelConfig;
-use mlx_serving_supervisor::{Config, Pool, PoolError};
+use mlx_serving_supervisor::{Config, Pool, PoolError, PoolEvent};
 
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -74,8 +74,9 @@ pub async fn collect(pool: &Arc<Pool>, request: GenerateRequest) -> Outcome {
     let mut tokens = Vec::new();
     while let Some(item) = rx.recv().await {
         match item {
-            Ok(GenerateEvent::Token(t)) => tokens.extend(t.token_ids),
-            Ok(GenerateEvent::Final(f)) => return Outcome { tokens, last: Ok(f) },
+            Ok(PoolEvent::Started) => {}
+            Ok(PoolEvent::Event(GenerateEvent::Token(t))) => tokens.extend(t.token_ids),
+            Ok(PoolEvent::Event(GenerateEvent::Final(f))) => return Outcome { tokens, last: Ok(f) },
             Err(e) => return Outcome { tokens, last: Err(e) },
         }
     }
