@@ -135,7 +135,8 @@ impl Default for PoolConfig {
 pub struct ModelConfig {
     /// The name requests use.
     pub name: String,
-    /// Model directory in the mlx-community layout.
+    /// Model directory in the mlx-community layout; a relative path is relative to the
+    /// configuration file.
     pub path: PathBuf,
     /// Load on every worker at start.
     #[serde(default)]
@@ -207,7 +208,14 @@ pub fn ms(v: u64) -> Duration {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
+        // Relative model paths are relative to the configuration file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for m in &mut config.models {
+            if m.path.is_relative() {
+                m.path = base.join(&m.path);
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -278,6 +286,15 @@ mod tests {
         assert_eq!(c.restart.max_spawns, 5);
         assert_eq!(c.retry.floor, 3);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_configuration_parses_and_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/mlx-serving.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.models[0].name, "tiny");
+        assert!(c.models[0].path.join("config.json").exists(), "{}", c.models[0].path.display());
+        assert_eq!(c.pool.max_queue_per_model, 256);
     }
 
     #[test]

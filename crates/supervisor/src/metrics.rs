@@ -26,6 +26,13 @@ pub fn install() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
             }
+            // Counters of rare events exist from the start, at 0.
+            for reason in ["exit", "signal", "hung", "spawn", "start"] {
+                counter!("mlx_worker_restarts_total", "reason" => reason).increment(0);
+            }
+            for kind in ["moved", "retried"] {
+                counter!("mlx_retries_total", "kind" => kind).increment(0);
+            }
             handle
         })
         .clone()

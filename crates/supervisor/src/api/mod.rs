@@ -186,7 +186,7 @@ async fn complete(
                 let logprobs = if req.logprobs { openai::logprobs(req.route, &tokens) } else { serde_json::Value::Null };
                 let reason = openai::finish_reason(f.finish_reason);
                 let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                let body = match req.route {
+                let mut body = match req.route {
                     Route::Chat => json!({
                         "id": format!("chatcmpl-{}", meta.id), "object": "chat.completion", "created": created, "model": req.model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": reason}],
@@ -198,6 +198,9 @@ async fn complete(
                         "usage": openai::usage(&f.usage),
                     }),
                 };
+                if req.return_token_ids {
+                    body["choices"][0]["token_ids"] = json!(tokens.iter().flat_map(|t| t.token_ids.iter()).collect::<Vec<_>>());
+                }
                 meta.finish(200);
                 return Json(body).into_response();
             }

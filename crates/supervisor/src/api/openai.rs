@@ -58,6 +58,7 @@ struct Body {
     logit_bias: Option<Value>,
     user: Option<String>,
     ignore_eos: Option<bool>,
+    return_token_ids: Option<bool>,
     echo: Option<bool>,
     suffix: Option<String>,
     best_of: Option<i64>,
@@ -90,6 +91,8 @@ pub struct ValidRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// Extension: add each choice's generated token ids (`token_ids`).
+    pub return_token_ids: bool,
     pub generate: GenerateRequest,
 }
 
@@ -233,7 +236,8 @@ pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &
         ignore_eos: b.ignore_eos.unwrap_or(false),
         logprobs,
     };
-    Ok(ValidRequest { route, model: b.model, stream, include_usage, logprobs, generate })
+    let return_token_ids = b.return_token_ids.unwrap_or(false);
+    Ok(ValidRequest { route, model: b.model, stream, include_usage, logprobs, return_token_ids, generate })
 }
 
 fn messages(list: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {

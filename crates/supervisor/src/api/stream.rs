@@ -78,6 +78,7 @@ struct State {
     created: u64,
     include_usage: bool,
     logprobs: bool,
+    token_ids: bool,
     done: bool,
 }
 
@@ -93,6 +94,7 @@ pub fn sse(
         created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         include_usage: req.include_usage,
         logprobs: req.logprobs,
+        token_ids: req.return_token_ids,
         meta,
         rx,
         held: first,
@@ -172,8 +174,11 @@ impl State {
         self.meta.on_tokens(n);
         let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
         let logprobs = if self.logprobs { openai::logprobs(self.meta.route, &tokens) } else { Value::Null };
-        let chunk = self.chunk(json!({"content": text}), None, logprobs);
-        self.out.push_back(chunk);
+        let mut chunk = self.chunk_value(json!({"content": text}), None, logprobs);
+        if self.token_ids {
+            chunk["choices"][0]["token_ids"] = json!(tokens.iter().flat_map(|t| t.token_ids.iter()).collect::<Vec<_>>());
+        }
+        self.out.push_back(Event::default().data(chunk.to_string()));
     }
 
     fn push_final(&mut self, f: FinalEvent) {
@@ -204,6 +209,10 @@ impl State {
     }
 
     fn chunk(&self, delta: Value, finish_reason: Option<&str>, logprobs: Value) -> Event {
+        Event::default().data(self.chunk_value(delta, finish_reason, logprobs).to_string())
+    }
+
+    fn chunk_value(&self, delta: Value, finish_reason: Option<&str>, logprobs: Value) -> Value {
         let mut c = self.base();
         let choice = match self.meta.route {
             Route::Chat => json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}),
@@ -218,6 +227,6 @@ impl State {
         if self.include_usage {
             c["usage"] = Value::Null;
         }
-        Event::default().data(c.to_string())
+        c
     }
 }

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible API with the real `openai` package, curl-like raw HTTP, real workers."""
+import http.client
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def client(server, **kw):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def test_chat_without_and_with_streaming(server):
+    c = client(server)
+    messages = [{"role": "user", "content": "Tell me about the license."}]
+    r = c.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+    chunks = list(c.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == choice.message.content, "streamed and non-streamed greedy text differ"
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_completions_without_and_with_streaming(server):
+    c = client(server)
+    r = c.completions.create(model="m", prompt="Free software is", max_tokens=10, temperature=0, stop=["\n\n"])
+    assert r.choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="m", prompt="Free software is", max_tokens=10, temperature=0, stop=["\n\n"], stream=True) if ch.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_greedy_output_equals_mlx_lm(server, golden):
+    c = client(server)
+    for case in golden["cases"]:
+        want = case["greedy_tokens"]
+        r = c.completions.create(model="m", prompt=case["prompt_ids"], max_tokens=len(want), temperature=0,
+                                 extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == want, case["name"]
+        assert r.usage.prompt_tokens == len(case["prompt_ids"])
+
+
+def test_seed_and_logprobs(server):
+    c = client(server)
+    kw = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0.9, seed=11)
+    a = c.chat.completions.create(**kw, logprobs=True)
+    b = c.chat.completions.create(**kw, logprobs=True)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    lps = a.choices[0].logprobs.content
+    assert len(lps) == 8 and all(lp.logprob <= 0 for lp in lps)
+
+
+def test_models_health_ready(server):
+    assert [m.id for m in client(server).models.list().data] == ["m"]
+    assert server.get("/health")[0] == 200
+    status, body, _ = server.get("/ready")
+    assert status == 200 and body["ready"] is True
+
+
+def error_of(status, body):
+    assert isinstance(body, dict) and "error" in body, body
+    e = body["error"]
+    assert set(e) == {"message", "type", "param", "code"}, e
+    return status, e["param"], e
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "m", "messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}, 400, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tempreature": 1}, 400, "tempreature"),
+])
+def test_validation_names_the_field(server, body, status, param):
+    got, got_param, e = error_of(*server.post("/v1/chat/completions", body)[:2])
+    assert (got, got_param) == (status, param), e
+
+
+def test_malformed_json_and_a_huge_body(server):
+    status, param, e = error_of(*server.request("POST", "/v1/chat/completions", raw='{"model": "m", "messages": [')[:2])
+    assert status == 400 and param is None and "not valid JSON" in e["message"]
+    huge = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    status, param, e = error_of(*server.request("POST", "/v1/chat/completions", raw=huge)[:2])
+    assert status == 413 and "exceeds the limit of 1048576 bytes" in e["message"], e
+    # The server is unaffected.
+    assert client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=2).choices
+
+
+def test_the_sdk_raises_typed_errors(server):
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    assert e.value.body["param"] == "max_tokens" and e.value.body["code"] == "context_length_exceeded"
+
+
+def stream_raw(server, body, on_event, headers=None):
+    """Streams with raw HTTP; calls on_event(data) for each SSE data line; returns when done."""
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    c.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    try:
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                if on_event(line[6:]) is False:
+                    break
+    finally:
+        c.close()
+
+
+def tokens_per_second(server, n_fast, slow):
+    """Rate of n_fast concurrent readers while one more stream is read slowly (or not)."""
+    rates, lock = [], threading.Lock()
+
+    def fast(i):
+        count, start = 0, time.perf_counter()
+
+        def on(data):
+            nonlocal count
+            if data != "[DONE]":
+                chunk = json.loads(data)
+                if chunk["choices"] and chunk["choices"][0].get("token_ids"):
+                    count += len(chunk["choices"][0]["token_ids"])
+        stream_raw(server, {"model": "m", "messages": [{"role": "user", "content": f"fast {i}"}], "max_tokens": 48,
+                            "temperature": 0, "ignore_eos": True, "return_token_ids": True}, on)
+        with lock:
+            rates.append(count / (time.perf_counter() - start))
+
+    def other():
+        def on(data):
+            if slow:
+                time.sleep(1.0)
+        stream_raw(server, {"model": "m", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 400,
+                            "temperature": 0, "ignore_eos": True}, lambda d: (on(d), d != "[DONE]")[1] and not stop.is_set())
+
+    stop = threading.Event()
+    bg = threading.Thread(target=other)
+    bg.start()
+    time.sleep(0.3)
+    threads = [threading.Thread(target=fast, args=(i,)) for i in range(n_fast)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    bg.join(timeout=600)
+    return sum(rates) / len(rates)
+
+
+def test_a_slow_reader_does_not_slow_the_others(server):
+    normal = tokens_per_second(server, 8, slow=False)
+    slowed = tokens_per_second(server, 8, slow=True)
+    print(f"\nper-stream tokens/s of 8 readers: {normal:.1f} beside a normal reader, {slowed:.1f} beside a 1 chunk/s reader")
+    assert slowed >= 0.75 * normal, (normal, slowed)
+
+
+def test_a_client_disconnect_cancels_in_the_worker(server):
+    seen = []
+    stream_raw(server, {"model": "m", "messages": [{"role": "user", "content": "long"}], "max_tokens": 900,
+                        "temperature": 0, "ignore_eos": True}, lambda d: (seen.append(d), len(seen) < 5)[1])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        workers = server.admin("status")["workers"]
+        if all(w["active_sequences"] == 0 and w["in_flight"] == 0 for w in workers):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the worker still runs the sequence: {workers}")
+
+
+def test_overload_gets_429_with_retry_after_and_no_breaker_opens(make_server):
+    s = make_server(workers=1, pool="max_queue_per_model = 2")
+    results, lock = [], threading.Lock()
+
+    def call(i):
+        r = s.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}],
+                                            "max_tokens": 200, "ignore_eos": True})
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r[0] for r in results)
+    assert all(c in (200, 429) for c in codes), codes
+    limited = [r for r in results if r[0] == 429]
+    assert limited and codes.count(200) >= 2, codes
+    for status, body, headers in limited:
+        assert int(headers["retry-after"]) >= 1
+        assert body["error"]["type"] == "rate_limit_error"
+    w = s.admin("status")["workers"][0]
+    assert w["breaker"] == "closed" and w["consecutive_failures"] == 0, w
+
+
+def test_api_keys(make_server):
+    s = make_server(workers=1, http='api_keys = ["k1"]')
+    with pytest.raises(openai.AuthenticationError):
+        client(s, api_key="wrong").models.list()
+    status, body, _ = s.get("/v1/models")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert [m.id for m in client(s, api_key="k1").models.list().data] == ["m"]
+    assert s.get("/health")[0] == 200 and s.get("/ready")[0] == 200 and s.get("/metrics")[0] == 200
+
+
+def test_request_id_is_echoed(server):
+    _, _, headers = server.request("GET", "/v1/models", headers={"x-request-id": "abc-123"})
+    assert headers["x-request-id"] == "abc-123"
+    _, _, headers = server.get("/v1/models")
+    assert headers["x-request-id"].startswith("req-")
+
+
+def test_metrics_parse_and_list_every_documented_metric(server):
+    client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    server.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    # A client that goes away mid-stream.
+    seen = []
+    stream_raw(server, {"model": "m", "messages": [{"role": "user", "content": "bye"}], "max_tokens": 200,
+                        "ignore_eos": True}, lambda d: (seen.append(d), len(seen) < 3)[1])
+    time.sleep(1.5)  # gauges refresh every second
+    status, text, _ = server.get("/metrics")
+    assert status == 200
+    families = {f.name for f in text_string_to_metric_families(text)}
+    names = set(re.findall(r"`(mlx_[a-z_]+)`", (ROOT / "docs" / "metrics.md").read_text()))
+    assert names, "docs/metrics.md lists no metrics"
+    # The parser drops the _total suffix of counters.
+    missing = sorted(n for n in names if n not in families and n.removesuffix("_total") not in families)
+    assert not missing, missing
