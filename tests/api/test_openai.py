@@ -66,6 +66,35 @@ def test_seed_and_logprobs(server):
     assert len(lps) == 8 and all(lp.logprob <= 0 for lp in lps)
 
 
+def test_top_logprobs(server):
+    c = client(server)
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+                                  logprobs=True, top_logprobs=3)
+    for entry in r.choices[0].logprobs.content:
+        top = entry.top_logprobs
+        assert len(top) == 3
+        assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        # Greedy: the sampled token is the most likely one.
+        assert abs(top[0].logprob - entry.logprob) < 1e-6
+    comp = c.completions.create(model="m", prompt="Hi", max_tokens=3, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.token_logprobs) == 3 and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_priority_header_and_rate_limit(make_server):
+    s = make_server(workers=1, http="rate_limit_per_s = 1.0\nrate_limit_burst = 2")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    status, payload, _ = s.post("/v1/chat/completions", body, headers={"x-priority": "whenever"})
+    assert status == 400 and payload["error"]["param"] == "x-priority"
+    assert s.post("/v1/chat/completions", body, headers={"x-priority": "urgent"})[0] == 200
+    # The burst of 2 is spent (the refused request above counted too); the next waits.
+    status, payload, headers = s.post("/v1/chat/completions", body)
+    assert status == 429 and payload["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["retry-after"]) >= 1
+    time.sleep(1.1)
+    assert s.post("/v1/chat/completions", body)[0] == 200
+
+
 def test_models_health_ready(server):
     assert [m.id for m in client(server).models.list().data] == ["m"]
     assert server.get("/health")[0] == 200

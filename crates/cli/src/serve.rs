@@ -76,7 +76,7 @@ async fn serve(args: ServeArgs, config: Config, listen: Listen, http: std::net::
     let module = admin::module(AdminContext { pool: pool.clone(), reload: reload.clone() });
     let stop = CancellationToken::new();
     let mut server = tokio::spawn(admin::serve(listen, config.admin.token.clone(), module, stop.clone()));
-    let router = api::router(Arc::new(ApiState { pool: pool.clone(), config: config.http.clone(), metrics }));
+    let router = api::router(Arc::new(ApiState::new(pool.clone(), config.http.clone(), metrics)));
     let mut front = tokio::spawn(api::serve(http, router, stop.clone()));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -53,6 +53,9 @@ drain_deadline_ms = 5000
 [admin]
 {admin}
 
+[http]
+listen = "127.0.0.1:{http}"
+
 [[models]]
 name = "m"
 path = "{m}"
@@ -63,6 +66,7 @@ name = "m2"
 path = "{m2}"
 "#,
         worker = worker_bin().display(),
+        http = free_port(),
         m = fixtures().join("models/qwen3-bf16").display(),
         m2 = fixtures().join("models/llama-bf16").display(),
     );

@@ -132,6 +132,9 @@ pub struct GenerateRequest {
     /// Include each token's log-probability in the token events.
     #[serde(default)]
     pub logprobs: bool,
+    /// Also include this many of the most likely tokens at each step (0 to 20).
+    #[serde(default)]
+    pub top_logprobs: usize,
 }
 
 /// One event of a `generate` stream. Every stream ends with exactly one `final` event.
@@ -152,7 +155,22 @@ pub struct TokenEvent {
     /// Log-probability of each token under the model, when requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<f32>>,
+    /// For each token, the most likely tokens at its step, most likely first, when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<Vec<Vec<TopLogprob>>>,
 }
+
+/// One of the most likely tokens at a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    /// The token's text on its own (may be part of a multi-byte character).
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// The most `top_logprobs` a request may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FinalEvent {

@@ -45,6 +45,10 @@ pub struct HttpConfig {
     pub min_ready_workers: usize,
     /// Seconds between SSE keep-alive comments on a quiet stream (a long prefill).
     pub sse_keep_alive_s: u64,
+    /// Requests per second each API key may make on average (a token bucket); 0 is no limit.
+    pub rate_limit_per_s: f64,
+    /// Requests an API key may make at once before the rate applies.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for HttpConfig {
@@ -57,6 +61,8 @@ impl Default for HttpConfig {
             default_model: None,
             min_ready_workers: 1,
             sse_keep_alive_s: 15,
+            rate_limit_per_s: 0.0,
+            rate_limit_burst: 10,
         }
     }
 }
@@ -108,6 +114,9 @@ pub struct PoolConfig {
     pub max_queue: usize,
     /// The same bound for each model.
     pub max_queue_per_model: usize,
+    /// Requests sent to one worker at once; more wait in the supervisor, in priority order.
+    /// 0 takes the worker's own `max_sequences`.
+    pub max_in_flight_per_worker: usize,
 }
 
 impl Default for PoolConfig {
@@ -126,6 +135,7 @@ impl Default for PoolConfig {
             seed: None,
             max_queue: 512,
             max_queue_per_model: 256,
+            max_in_flight_per_worker: 0,
         }
     }
 }
@@ -238,6 +248,9 @@ impl Config {
             if !names.insert(&m.name) {
                 return bad(format!("model `{}` is declared twice", m.name));
             }
+        }
+        if !(self.http.rate_limit_per_s >= 0.0 && self.http.rate_limit_per_s.is_finite()) {
+            return bad(format!("`http.rate_limit_per_s` must be >= 0, got {}", self.http.rate_limit_per_s));
         }
         if !(0.0..=1.0).contains(&self.retry.ratio) {
             return bad(format!("`retry.ratio` must be in [0, 1], got {}", self.retry.ratio));

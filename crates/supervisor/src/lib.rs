@@ -21,4 +21,4 @@ pub mod worker;
 
 pub use config::Config;
 pub use error::PoolError;
-pub use pool::{Pool, PoolEvent, StreamItem};
+pub use pool::{Pool, PoolEvent, Priority, StreamItem};

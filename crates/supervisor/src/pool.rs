@@ -62,6 +62,9 @@ pub struct Pool {
     per_model: Mutex<std::collections::HashMap<String, usize>>,
     /// When recent requests ended, for the drain rate behind Retry-After.
     finished: Mutex<std::collections::VecDeque<Instant>>,
+    /// Requests waiting for a worker: (model, priority, arrival number).
+    waiting: Mutex<BTreeSet<(String, Priority, u64)>>,
+    next_ticket: AtomicU64,
 }
 
 /// Counts a request against its model's and the global bound until it ends.
@@ -84,6 +87,75 @@ impl Drop for Admission {
                 f.pop_front();
             }
         }
+    }
+}
+
+/// The order waiting requests are served in; the `x-priority` header sets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    Urgent,
+    #[default]
+    Default,
+    Background,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "urgent" => Some(Priority::Urgent),
+            "default" => Some(Priority::Default),
+            "background" => Some(Priority::Background),
+            _ => None,
+        }
+    }
+}
+
+/// What routing found.
+enum Pick {
+    Chosen(Arc<Slot>, Arc<Conn>),
+    /// Workers serve the model but none has room.
+    Full,
+    /// No eligible worker has the model; this one may load it.
+    NotLoaded(Arc<Slot>),
+    Nothing,
+}
+
+/// A request's place among those waiting for a worker for its model.
+struct Ticket<'a> {
+    pool: &'a Pool,
+    key: (String, Priority, u64),
+    /// Goes ahead of the line.
+    ahead: bool,
+}
+
+impl<'a> Ticket<'a> {
+    fn take(pool: &'a Pool, model: &str, priority: Priority, ahead: bool) -> Ticket<'a> {
+        let key = (model.to_string(), priority, pool.next_ticket.fetch_add(1, Relaxed));
+        if !ahead {
+            pool.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+        }
+        Ticket { pool, key, ahead }
+    }
+
+    /// Whether no request for the same model is ahead of this one.
+    fn is_first(&self) -> bool {
+        if self.ahead {
+            return true;
+        }
+        let waiting = self.pool.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let start = (self.key.0.clone(), Priority::Urgent, 0);
+        waiting.range(start..).next() == Some(&self.key)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.ahead {
+            return;
+        }
+        self.pool.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        // The next in line may go now.
+        self.pool.changed.notify_waiters();
     }
 }
 
@@ -112,17 +184,18 @@ struct RequestGuard {
     conn: Arc<Conn>,
     key: String,
     model: String,
+    changed: Arc<Notify>,
 }
 
 impl RequestGuard {
-    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str) -> RequestGuard {
+    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str, changed: &Arc<Notify>) -> RequestGuard {
         slot.inflight.fetch_add(1, Relaxed);
         let mut s = slot.lock();
         s.requests.insert(key.clone(), RequestEntry { model: model.to_string(), generation: conn.generation });
         if let Some(m) = s.models.get_mut(model) {
             m.last_used = Instant::now();
         }
-        RequestGuard { slot: slot.clone(), conn: conn.clone(), key, model: model.to_string() }
+        RequestGuard { slot: slot.clone(), conn: conn.clone(), key, model: model.to_string(), changed: changed.clone() }
     }
 }
 
@@ -137,6 +210,9 @@ impl Drop for RequestGuard {
         if let Some(m) = s.models.get_mut(&self.model) {
             m.last_used = Instant::now();
         }
+        drop(s);
+        // A waiting request may take the freed place.
+        self.changed.notify_waiters();
     }
 }
 
@@ -168,6 +244,8 @@ impl Pool {
             retried: AtomicU64::new(0),
             per_model: Mutex::new(std::collections::HashMap::new()),
             finished: Mutex::new(std::collections::VecDeque::new()),
+            waiting: Mutex::new(BTreeSet::new()),
+            next_ticket: AtomicU64::new(0),
         });
         for _ in 0..workers {
             pool.add_slot();
@@ -240,10 +318,16 @@ impl Pool {
     /// Over the configured bounds (requests per model, requests in all) the stream is one
     /// `QueueFull` error at once.
     pub fn generate(self: &Arc<Self>, request: GenerateRequest) -> mpsc::Receiver<StreamItem> {
+        self.generate_with(request, Priority::Default)
+    }
+
+    /// [`Pool::generate`] with a priority: among requests waiting for a worker, urgent ones go
+    /// first, background ones last.
+    pub fn generate_with(self: &Arc<Self>, request: GenerateRequest, priority: Priority) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         match self.admit(&request) {
             Ok(admission) => {
-                tokio::spawn(self.clone().run_request(request, tx, admission));
+                tokio::spawn(self.clone().run_request(request, priority, tx, admission));
             }
             Err(e) => {
                 let _ = tx.try_send(Err(e));
@@ -252,7 +336,7 @@ impl Pool {
         rx
     }
 
-    async fn run_request(self: Arc<Self>, request: GenerateRequest, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
+    async fn run_request(self: Arc<Self>, request: GenerateRequest, priority: Priority, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
         let _active = self.budget.start_request();
         let mut started = false;
         let retry_config = *self.budget.config();
@@ -262,7 +346,7 @@ impl Pool {
         let mut last_error = String::new();
         loop {
             attempts += 1;
-            let (slot, conn) = match self.choose(&request.model, &exclude).await {
+            let (slot, conn) = match self.choose(&request.model, &exclude, priority).await {
                 Ok(choice) => choice,
                 Err(e) => {
                     let e = if attempts > 1 && !last_error.is_empty() {
@@ -277,7 +361,7 @@ impl Pool {
             let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
             let mut attempt_request = request.clone();
             attempt_request.id = key.clone();
-            let guard = RequestGuard::new(&slot, &conn, key, &request.model);
+            let guard = RequestGuard::new(&slot, &conn, key, &request.model, &self.changed);
             let outcome = self.attempt(&slot, &conn, attempt_request, &tx, &mut started).await;
             drop(guard);
             let record = |o: Outcome| self.record(&slot, o);
@@ -487,23 +571,27 @@ impl Pool {
             .count()
     }
 
-    /// Picks a worker for `model`, waiting for one up to the queue timeout. Loads the model on
-    /// the least busy ready worker when no worker has it.
-    async fn choose(&self, model: &str, exclude: &HashSet<(u64, u64)>) -> Result<(Arc<Slot>, Arc<Conn>), PoolError> {
+    /// Picks a worker for `model`, waiting up to the queue timeout while every worker that
+    /// serves it is at capacity. Waiting requests go in priority order, then first come first
+    /// served, per model. Loads the model on the least busy worker when no worker has it.
+    async fn choose(&self, model: &str, exclude: &HashSet<(u64, u64)>, priority: Priority) -> Result<(Arc<Slot>, Arc<Conn>), PoolError> {
         let waited = ms(self.config().pool.queue_timeout_ms);
         let deadline = Instant::now() + waited;
+        // A request on its second worker or later does not queue again behind new arrivals.
+        let ticket = Ticket::take(self, model, priority, !exclude.is_empty());
         loop {
             let notified = self.changed.notified();
             if self.shutting_down.load(Relaxed) {
                 return Err(PoolError::ShuttingDown);
             }
-            if let Some(choice) = self.try_choose(model, exclude, true) {
-                return Ok(choice);
-            }
-            if let Some((slot, _)) = self.try_choose(model, exclude, false) {
-                match self.load_on(&slot, model).await {
-                    Ok(()) => continue,
-                    Err(e) => tracing::warn!(worker = slot.id, model, "on-demand load failed: {e}"),
+            if ticket.is_first() {
+                match self.pick_worker(model, exclude) {
+                    Pick::Chosen(slot, conn) => return Ok((slot, conn)),
+                    Pick::NotLoaded(slot) => match self.load_on(&slot, model).await {
+                        Ok(()) => continue,
+                        Err(e) => tracing::warn!(worker = slot.id, model, "on-demand load failed: {e}"),
+                    },
+                    Pick::Full | Pick::Nothing => {}
                 }
             }
             let poll = Instant::now() + Duration::from_millis(250);
@@ -513,25 +601,32 @@ impl Pool {
         }
     }
 
-    /// The least busy eligible worker. With `loaded`, only workers that have the model loaded;
-    /// without, any ready worker (to load it on).
-    fn try_choose(&self, model: &str, exclude: &HashSet<(u64, u64)>, loaded: bool) -> Option<(Arc<Slot>, Arc<Conn>)> {
+    /// The least busy eligible worker with the model loaded and room for one more request.
+    fn pick_worker(&self, model: &str, exclude: &HashSet<(u64, u64)>) -> Pick {
         let now = Instant::now();
-        let mut eligible = Vec::new();
+        let cap_override = self.config().pool.max_in_flight_per_worker;
+        let (mut eligible, mut full, mut without) = (Vec::new(), false, Vec::new());
         for slot in self.slots() {
             let mut s = slot.lock();
             let Some(conn) = s.conn.clone() else { continue };
             if s.state != WorkerState::Ready || s.drain || exclude.contains(&(slot.id, conn.generation)) {
                 continue;
             }
-            if loaded != s.models.contains_key(model) && loaded {
-                continue;
-            }
             if matches!(s.breaker.state(now), BreakerState::Open { .. }) {
                 continue;
             }
+            let inflight = slot.inflight.load(Relaxed);
             let beat = s.heartbeat.as_ref().map_or(0, |h| h.active_sequences + h.queue_depth);
-            let load = slot.inflight.load(Relaxed).max(beat);
+            let load = inflight.max(beat);
+            if !s.models.contains_key(model) {
+                without.push((slot.clone(), load));
+                continue;
+            }
+            let capacity = if cap_override > 0 { cap_override } else { s.capacity };
+            if inflight >= capacity {
+                full = true;
+                continue;
+            }
             drop(s);
             eligible.push((slot, conn, load));
         }
@@ -540,15 +635,21 @@ impl Pool {
         while !candidates.is_empty() {
             let id = {
                 let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-                pick(&candidates, 0, &mut *rng)?
+                pick(&candidates, 0, &mut *rng)
             };
-            let (slot, conn, _) = eligible.iter().find(|(s, _, _)| s.id == id)?;
+            let Some((slot, conn, _)) = id.and_then(|id| eligible.iter().find(|(s, _, _)| s.id == id)) else { break };
             if slot.lock().breaker.try_acquire(now) {
-                return Some((slot.clone(), conn.clone()));
+                return Pick::Chosen(slot.clone(), conn.clone());
             }
-            candidates.retain(|c| c.id != id);
+            candidates.retain(|c| c.id != slot.id);
         }
-        None
+        if full {
+            return Pick::Full;
+        }
+        match without.into_iter().min_by_key(|(_, load)| *load) {
+            Some((slot, _)) if eligible.is_empty() => Pick::NotLoaded(slot),
+            _ => Pick::Nothing,
+        }
     }
 
     /// Loads `model` on a slot's current worker, first unloading least recently used idle models

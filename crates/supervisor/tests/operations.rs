@@ -157,3 +157,48 @@ async fn a_memory_budget_evicts_the_least_recently_used_idle_model() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_served_by_priority_then_arrival() {
+    use mlx_serving_supervisor::Priority;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = config(1);
+        // One request at a time on the worker: the rest wait in the supervisor.
+        c.pool.worker_command.extend(["--max-sequences".into(), "1".into()]);
+        let pool = started(c).await;
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move { collect(&pool, request("busy", "keep the worker busy", 200)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (class, priority) in [("background", Priority::Background), ("default", Priority::Default), ("urgent", Priority::Urgent)] {
+            for i in 0..3 {
+                let (pool, order) = (pool.clone(), order.clone());
+                let name = format!("{class}-{i}");
+                let mut rx = pool.generate_with(request(&name, "short", 2), priority);
+                tasks.push(tokio::spawn(async move {
+                    while let Some(item) = rx.recv().await {
+                        if let Ok(mlx_serving_supervisor::PoolEvent::Started) = item {
+                            order.lock().unwrap().push(name.clone());
+                        }
+                    }
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(busy.await.unwrap().last.is_ok());
+        let order = order.lock().unwrap().clone();
+        assert_eq!(
+            order,
+            ["urgent-0", "urgent-1", "urgent-2", "default-0", "default-1", "default-2", "background-0", "background-1", "background-2"]
+        );
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

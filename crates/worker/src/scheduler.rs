@@ -16,8 +16,8 @@ use mlx::Array;
 use mlx_serving_engine::{EngineError, GenerateParams, Model, Sampler, SamplingParams, Sequence, TextStream};
 use mlx_serving_protocol::error::ErrorInfo;
 use mlx_serving_protocol::{
-    ErrorCode, FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Limits, ModelInfo, Prompt, RequestCounts,
-    ShutdownAck, Stats, TokenEvent, Unloaded, Usage,
+    ErrorCode, FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Limits, MAX_TOP_LOGPROBS, ModelInfo, Prompt,
+    RequestCounts, ShutdownAck, Stats, TokenEvent, TopLogprob, Unloaded, Usage,
 };
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
@@ -41,6 +41,7 @@ struct Request {
     text: TextStream,
     params: GenerateParams,
     logprobs: bool,
+    top_logprobs: usize,
     events: mpsc::UnboundedSender<GenerateEvent>,
     arrived: Instant,
     /// KV-cache bytes held against the budget while running.
@@ -70,6 +71,8 @@ struct Pending {
     index: usize,
     token: Array,
     logprob: Option<Array>,
+    /// Ids and log-probabilities of the most likely tokens, unsorted.
+    top: Option<(Array, Array)>,
 }
 
 pub struct Scheduler {
@@ -285,6 +288,9 @@ impl Scheduler {
             prefill_step: self.config.prefill_chunk,
         };
         model.check_request(prompt.len(), &params).map_err(engine_error)?;
+        if request.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid(format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}", request.top_logprobs)));
+        }
         let reserve = (prompt.len() + params.max_tokens) as u64 * loaded.kv_per_token;
         if reserve > self.config.kv_cache_bytes {
             return Err(invalid(format!(
@@ -309,7 +315,8 @@ impl Scheduler {
             seq,
             text,
             params,
-            logprobs: request.logprobs,
+            logprobs: request.logprobs || request.top_logprobs > 0,
+            top_logprobs: request.top_logprobs,
             events,
             arrived,
             reserve,
@@ -400,10 +407,15 @@ impl Scheduler {
                     } else {
                         None
                     };
-                    step.push(Pending { key: r.key, index: s.index, token: s.token, logprob });
+                    let top = if r.top_logprobs > 0 { Some(top_k(&s.logprobs, r.top_logprobs)?) } else { None };
+                    step.push(Pending { key: r.key, index: s.index, token: s.token, logprob, top });
                 }
-                let arrays: Vec<&Array> =
-                    step.iter().flat_map(|p| std::iter::once(&p.token).chain(p.logprob.as_ref())).collect();
+                let arrays: Vec<&Array> = step
+                    .iter()
+                    .flat_map(|p| {
+                        std::iter::once(&p.token).chain(p.logprob.as_ref()).chain(p.top.iter().flat_map(|(i, v)| [i, v]))
+                    })
+                    .collect();
                 mlx::async_eval(&arrays)?;
                 Ok(step)
             });
@@ -450,7 +462,17 @@ impl Scheduler {
                     continue;
                 }
             };
-            let event = TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]) };
+            let top = match &p.top {
+                Some((ids, values)) => match top_list(ids, values, &self.models, &r.model) {
+                    Ok(list) => Some(vec![list]),
+                    Err(e) => {
+                        r.end(FinishReason::Error, Some(failure(&e)));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let event = TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]), top_logprobs: top };
             let _ = r.events.send(GenerateEvent::Token(event));
             if step.stopped {
                 r.end(FinishReason::Stop, None);
@@ -566,6 +588,31 @@ impl Request {
     fn seq_eos(&self, token: u32, models: &BTreeMap<String, Loaded>) -> bool {
         models.get(&self.model).is_some_and(|l| l.model.tokenizer.eos_token_ids().contains(&token))
     }
+}
+
+/// The `k` most likely token ids and their log-probabilities (lazy, unsorted).
+fn top_k(logprobs: &Array, k: usize) -> mlx_serving_engine::Result<(Array, Array)> {
+    let flat = logprobs.reshape(&[-1])?;
+    let k = (k as i32).min(flat.dim(0));
+    let idx = flat.negative()?.argpartition(k - 1, -1)?.slice_axis(0, 0, k)?;
+    let values = flat.take(&idx, 0)?.astype(mlx::Dtype::Float32)?;
+    Ok((idx.astype(mlx::Dtype::Uint32)?, values))
+}
+
+/// Reads top-k arrays into a list sorted by log-probability, with each token's text.
+fn top_list(ids: &Array, values: &Array, models: &BTreeMap<String, Loaded>, model: &str) -> mlx_serving_engine::Result<Vec<TopLogprob>> {
+    let (ids, values) = (ids.to_vec::<u32>()?, values.to_vec::<f32>()?);
+    let tokenizer = models.get(model).map(|l| &l.model.tokenizer);
+    let mut list: Vec<TopLogprob> = ids
+        .into_iter()
+        .zip(values)
+        .map(|(token_id, logprob)| {
+            let text = tokenizer.and_then(|t| t.decode(&[token_id], false).ok()).unwrap_or_default();
+            TopLogprob { token_id, text, logprob }
+        })
+        .collect();
+    list.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+    Ok(list)
 }
 
 fn invalid(message: String) -> ErrorObjectOwned {

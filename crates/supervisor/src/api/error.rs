@@ -41,6 +41,15 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message.into()).with_code("invalid_api_key")
     }
 
+    /// The API key's request rate is spent; a token is back after `wait`.
+    pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+        ApiError {
+            retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            code: Some("rate_limit_exceeded"),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "request rate limit of this API key reached".into())
+        }
+    }
+
     pub fn too_large(limit: usize) -> ApiError {
         let mut e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body exceeds the limit of {limit} bytes"));
         e.code = Some("request_too_large");

@@ -2,6 +2,7 @@
 //! `/v1/models`, `/health`, `/ready`, `/metrics`.
 pub mod error;
 pub mod openai;
+pub mod ratelimit;
 mod stream;
 
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::HttpConfig;
-use crate::pool::{Pool, PoolEvent};
+use crate::pool::{Pool, PoolEvent, Priority};
 use crate::worker::slot::WorkerState;
 use error::ApiError;
 use openai::{Route, ValidRequest};
@@ -32,6 +33,15 @@ pub struct ApiState {
     pub pool: Arc<Pool>,
     pub config: HttpConfig,
     pub metrics: PrometheusHandle,
+    /// Present when `http.rate_limit_per_s` is set.
+    pub limiter: Option<ratelimit::RateLimiter>,
+}
+
+impl ApiState {
+    pub fn new(pool: Arc<Pool>, config: HttpConfig, metrics: PrometheusHandle) -> ApiState {
+        let limiter = (config.rate_limit_per_s > 0.0).then(|| ratelimit::RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst));
+        ApiState { pool, config, metrics, limiter }
+    }
 }
 
 /// The request id of a request: from `x-request-id`, or made here.
@@ -81,30 +91,47 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     response
 }
 
+/// API keys, then the per-key rate limit.
 async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    if state.config.api_keys.is_empty() {
-        return next.run(req).await;
-    }
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(key) if state.config.api_keys.iter().any(|k| k == key) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("invalid API key").into_response(),
-        None => ApiError::unauthorized("missing API key: send Authorization: Bearer <key>").into_response(),
+    if !state.config.api_keys.is_empty() {
+        match given {
+            Some(key) if state.config.api_keys.iter().any(|k| k == key) => {}
+            Some(_) => return ApiError::unauthorized("invalid API key").into_response(),
+            None => return ApiError::unauthorized("missing API key: send Authorization: Bearer <key>").into_response(),
+        }
     }
+    if let Some(limiter) = &state.limiter
+        && let Err(wait) = limiter.check(given.unwrap_or(""), tokio::time::Instant::now())
+    {
+        return ApiError::rate_limited(wait).into_response();
+    }
+    next.run(req).await
 }
 
-async fn chat(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, body: Result<Bytes, BytesRejection>) -> Response {
-    generate(state, id, Route::Chat, body).await
+async fn chat(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(state, id, Route::Chat, headers, body).await
 }
 
-async fn completions(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, body: Result<Bytes, BytesRejection>) -> Response {
-    generate(state, id, Route::Completions, body).await
+async fn completions(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(state, id, Route::Completions, headers, body).await
+}
+
+/// The `x-priority` header: urgent, default (when absent) or background.
+fn priority(headers: &HeaderMap) -> Result<Priority, ApiError> {
+    match headers.get("x-priority") {
+        None => Ok(Priority::Default),
+        Some(v) => v.to_str().ok().and_then(Priority::parse).ok_or_else(|| {
+            ApiError::invalid(Some("x-priority".to_string()), "the `x-priority` header must be urgent, default or background")
+        }),
+    }
 }
 
 async fn generate(
     State(state): State<Arc<ApiState>>,
     axum::Extension(RequestId(id)): axum::Extension<RequestId>,
     route: Route,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
@@ -119,11 +146,11 @@ async fn generate(
         }
         Err(rejection) => return fail("", ApiError::invalid(None, rejection.body_text())),
     };
-    let req = match openai::parse(route, &body, state.config.default_max_tokens, &id) {
+    let (req, priority) = match openai::parse(route, &body, state.config.default_max_tokens, &id).and_then(|r| Ok((r, priority(&headers)?))) {
         Ok(r) => r,
         Err(e) => return fail("", e),
     };
-    let mut rx = state.pool.generate(req.generate.clone());
+    let mut rx = state.pool.generate_with(req.generate.clone(), priority);
     // Wait until a worker has taken the request, so refusals get their status code.
     let first = match rx.recv().await {
         Some(Ok(PoolEvent::Started)) => None,

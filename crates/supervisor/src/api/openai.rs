@@ -1,6 +1,6 @@
 //! OpenAI request bodies, parsed once into a [`ValidRequest`] whose errors name the field and
 //! the limit, and the response bodies built from worker events.
-use mlx_serving_protocol::{GenerateRequest, Message, Prompt, Sampling, TokenEvent, Usage};
+use mlx_serving_protocol::{GenerateRequest, MAX_TOP_LOGPROBS, Message, Prompt, Sampling, TokenEvent, TopLogprob, Usage};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -197,21 +197,29 @@ pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &
         return Err(invalid("repetition_penalty", format!("`repetition_penalty` must be > 0, got {repetition_penalty}")));
     }
     let stop = stops(b.stop)?;
-    let logprobs = match (route, &b.logprobs) {
-        (_, None) | (_, Some(Value::Null)) => false,
-        (Route::Chat, Some(Value::Bool(v))) => *v,
-        (Route::Completions, Some(Value::Number(n))) if n.as_i64() == Some(0) => true,
-        (Route::Completions, Some(Value::Number(_))) => {
-            return Err(invalid("logprobs", "only `logprobs: 0` (the sampled token's log-probability) is supported"));
-        }
+    // Chat: `logprobs: true` and `top_logprobs` in [0, 20]. Completions: `logprobs: N` in [0, 5]
+    // asks for the sampled token and the N most likely.
+    let (logprobs, top_logprobs) = match (route, &b.logprobs) {
+        (_, None) | (_, Some(Value::Null)) => (false, 0),
+        (Route::Chat, Some(Value::Bool(v))) => (*v, 0),
+        (Route::Completions, Some(Value::Number(n))) => match n.as_i64() {
+            Some(k @ 0..=5) => (true, k as usize),
+            _ => return Err(invalid("logprobs", format!("`logprobs` must be an integer in [0, 5], got {n}"))),
+        },
         (Route::Chat, Some(_)) => return Err(invalid("logprobs", "`logprobs` must be a boolean")),
         (Route::Completions, Some(_)) => return Err(invalid("logprobs", "`logprobs` must be an integer")),
     };
-    if let Some(k) = b.top_logprobs
-        && k != 0
-    {
-        return Err(invalid("top_logprobs", "`top_logprobs` above 0 is not supported yet"));
-    }
+    let top_logprobs = match (route, b.top_logprobs) {
+        (Route::Chat, Some(k)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
+            return Err(invalid("top_logprobs", format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {k}")));
+        }
+        (Route::Chat, Some(k)) if k > 0 && !logprobs => {
+            return Err(invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+        }
+        (Route::Chat, Some(k)) => k as usize,
+        (Route::Completions, Some(_)) => return Err(invalid("top_logprobs", "completions take `logprobs: N` instead")),
+        (_, None) => top_logprobs,
+    };
     let stream = b.stream.unwrap_or(false);
     if b.stream_options.is_some() && !stream {
         return Err(invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
@@ -235,6 +243,7 @@ pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &
         stop_token_ids: Vec::new(),
         ignore_eos: b.ignore_eos.unwrap_or(false),
         logprobs,
+        top_logprobs,
     };
     let return_token_ids = b.return_token_ids.unwrap_or(false);
     Ok(ValidRequest { route, model: b.model, stream, include_usage, logprobs, return_token_ids, generate })
@@ -326,31 +335,46 @@ pub fn usage(u: &Usage) -> Value {
     })
 }
 
-/// Log-probabilities of streamed tokens, in the route's format.
+/// Each reported token of `tokens` with its log-probability and its step's most likely tokens.
+fn entries(tokens: &[TokenEvent]) -> impl Iterator<Item = (&TokenEvent, f32, &[TopLogprob])> {
+    tokens.iter().flat_map(|t| {
+        let lps = t.logprobs.as_deref().unwrap_or(&[]);
+        lps.iter().enumerate().map(move |(i, lp)| {
+            let top = t.top_logprobs.as_ref().and_then(|v| v.get(i)).map_or(&[][..], Vec::as_slice);
+            (t, *lp, top)
+        })
+    })
+}
+
+/// Log-probabilities of streamed tokens, in the route's format. The token string is the text
+/// the token completed (empty inside a multi-byte character).
 pub fn logprobs(route: Route, tokens: &[TokenEvent]) -> Value {
     match route {
         Route::Chat => {
-            let content: Vec<Value> = tokens
-                .iter()
-                .flat_map(|t| {
-                    let lps = t.logprobs.clone().unwrap_or_default();
-                    lps.into_iter().map(move |lp| json!({"token": t.text, "logprob": lp, "bytes": t.text.as_bytes(), "top_logprobs": []}))
+            let content: Vec<Value> = entries(tokens)
+                .map(|(t, lp, top)| {
+                    let top: Vec<Value> =
+                        top.iter().map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()})).collect();
+                    json!({"token": t.text, "logprob": lp, "bytes": t.text.as_bytes(), "top_logprobs": top})
                 })
                 .collect();
             json!({ "content": content })
         }
         Route::Completions => {
             let mut offset = 0;
-            let (mut toks, mut lps, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
-            for t in tokens {
-                for lp in t.logprobs.clone().unwrap_or_default() {
-                    toks.push(t.text.clone());
-                    lps.push(lp);
-                    offsets.push(offset);
-                }
+            let (mut toks, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut any_top = false;
+            for (t, lp, top) in entries(tokens) {
+                toks.push(t.text.clone());
+                lps.push(lp);
+                offsets.push(offset);
                 offset += t.text.len();
+                any_top |= !top.is_empty();
+                let map: serde_json::Map<String, Value> = top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect();
+                tops.push(Value::Object(map));
             }
-            json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": null, "text_offset": offsets})
+            let tops = if any_top { json!(tops) } else { Value::Null };
+            json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
         }
     }
 }
@@ -379,10 +403,11 @@ mod tests {
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stop":[1]}"#, "stop"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#, "response_format"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":3}"#, "top_logprobs"),
+            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#, "top_logprobs"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"frobnicate":1}"#, "frobnicate"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#, "stream_options"),
             (Route::Completions, r#"{"model":"m","prompt":["a","b"]}"#, "prompt"),
-            (Route::Completions, r#"{"model":"m","prompt":"a","logprobs":5}"#, "logprobs"),
+            (Route::Completions, r#"{"model":"m","prompt":"a","logprobs":6}"#, "logprobs"),
             (Route::Completions, r#"{"model":"m","messages":[]}"#, "messages"),
         ];
         for (route, body, param) in cases {

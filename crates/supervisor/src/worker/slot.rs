@@ -103,6 +103,8 @@ pub struct SlotInner {
     pub requests: BTreeMap<String, RequestEntry>,
     /// When a backoff or quarantine wait ends.
     pub next_start: Option<Instant>,
+    /// Requests the current worker runs at once (its `max_sequences`).
+    pub capacity: usize,
 }
 
 pub struct Slot {
@@ -149,6 +151,7 @@ impl Slot {
                 drain: false,
                 requests: BTreeMap::new(),
                 next_start: None,
+                capacity: 1,
             }),
             commands: tx,
         });
@@ -287,9 +290,9 @@ async fn serve(
     };
     let desired: Vec<String> = slot.lock().desired.iter().cloned().collect();
     let start = timeout(ms(config.pool.start_timeout_ms), start_worker(&client, config, &desired));
-    let loaded = tokio::select! {
+    let (capacity, loaded) = tokio::select! {
         r = start => match r {
-            Ok(Ok(models)) => models,
+            Ok(Ok(started)) => started,
             Ok(Err(e)) => return Ended::StartFailed(format!("start failed: {e}")),
             Err(_) => return Ended::Hung(format!("not ready within {} ms", config.pool.start_timeout_ms)),
         },
@@ -300,6 +303,7 @@ async fn serve(
         let now = Instant::now();
         let mut s = slot.lock();
         s.models = loaded.into_iter().map(|info| (info.model.clone(), LoadedModel { info, last_used: now })).collect();
+        s.capacity = capacity.max(1);
         s.conn = Some(Arc::new(Conn { client: client.clone(), generation }));
         // Entries left by requests of an earlier process that ended without a crash record.
         s.requests.retain(|_, r| r.generation == generation);
@@ -313,8 +317,8 @@ async fn serve(
     watch(slot, config, proc, &mut beats, commands).await
 }
 
-/// Handshake and model loads of a new worker.
-async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> Result<Vec<ModelInfo>, String> {
+/// Handshake and model loads of a new worker: its capacity and its models.
+async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> Result<(usize, Vec<ModelInfo>), String> {
     let hs = client.handshake().await.map_err(|e| format!("handshake: {e}"))?;
     let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
     if major(&hs.protocol_version) != major(PROTOCOL_VERSION) {
@@ -329,7 +333,7 @@ async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> R
             .map_err(|e| format!("loading `{name}`: {e}"))?;
         loaded.push(info);
     }
-    Ok(loaded)
+    Ok((hs.limits.max_sequences, loaded))
 }
 
 /// Watches a ready worker: exit, pipe EOF, heartbeats, stalls, idle models and commands.

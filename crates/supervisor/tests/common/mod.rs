@@ -59,6 +59,7 @@ pub fn request(id: &str, text: &str, max_tokens: usize) -> GenerateRequest {
         stop_token_ids: vec![],
         ignore_eos: true,
         logprobs: false,
+        top_logprobs: 0,
     }
 }
 

@@ -71,6 +71,7 @@ pub fn request(id: &str, prompt: Prompt, max_tokens: usize) -> GenerateRequest {
         stop_token_ids: vec![],
         ignore_eos: true,
         logprobs: false,
+        top_logprobs: 0,
     }
 }
 
