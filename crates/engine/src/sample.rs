@@ -93,6 +93,18 @@ impl Sampler {
         &self.params
     }
 
+    /// Skips `n` draws, as if `n` tokens had been sampled: a sequence resumed elsewhere continues
+    /// the same random stream.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        if let Some(key) = &mut self.key {
+            for _ in 0..n {
+                let (next, _) = random::split(key)?;
+                *key = next;
+            }
+        }
+        Ok(())
+    }
+
     /// Samples from `logits` (`[1, vocab]`), given the tokens seen so far (prompt and output).
     pub fn sample(&mut self, logits: &Array, history: &[u32]) -> Result<Sampled> {
         let p = &self.params;

@@ -135,6 +135,11 @@ pub struct GenerateRequest {
     /// Also include this many of the most likely tokens at each step (0 to 20).
     #[serde(default)]
     pub top_logprobs: usize,
+    /// Resuming a stream whose worker died: the tokens it already produced. They follow the
+    /// prompt, count as generated (against `max_tokens` and in `usage`), advance the random
+    /// stream as their draws did, and their text is not sent again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume_tokens: Vec<u32>,
 }
 
 /// One event of a `generate` stream. Every stream ends with exactly one `final` event.

@@ -107,6 +107,8 @@ pub struct PoolConfig {
     pub memory_budget_bytes: u64,
     /// How long a request waits for a worker that can take it before it fails.
     pub queue_timeout_ms: u64,
+    /// How long a stream whose worker died waits for another worker to resume it.
+    pub resume_timeout_ms: u64,
     /// Seed of the routing tie-breaker; random when absent.
     pub seed: Option<u64>,
     /// Requests in the supervisor (waiting or running) for all models together; beyond it
@@ -132,6 +134,7 @@ impl Default for PoolConfig {
             drain_deadline_ms: 30_000,
             memory_budget_bytes: 0,
             queue_timeout_ms: 30_000,
+            resume_timeout_ms: 10_000,
             seed: None,
             max_queue: 512,
             max_queue_per_model: 256,

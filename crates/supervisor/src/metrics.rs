@@ -30,7 +30,7 @@ pub fn install() -> PrometheusHandle {
             for reason in ["exit", "signal", "hung", "spawn", "start"] {
                 counter!("mlx_worker_restarts_total", "reason" => reason).increment(0);
             }
-            for kind in ["moved", "retried"] {
+            for kind in ["moved", "retried", "resumed"] {
                 counter!("mlx_retries_total", "kind" => kind).increment(0);
             }
             handle
@@ -74,7 +74,8 @@ pub fn rejected(model: &str, reason: &'static str) {
     counter!("mlx_rejected_requests_total", "model" => model.to_string(), "reason" => reason).increment(1);
 }
 
-/// A request moved off a dead worker (`moved`) or retried after a failure answer (`retried`).
+/// A request moved off a dead worker (`moved`), retried after a failure answer (`retried`), or
+/// a stream resumed on another worker (`resumed`).
 pub fn retry(kind: &'static str) {
     counter!("mlx_retries_total", "kind" => kind).increment(1);
 }

@@ -58,6 +58,8 @@ pub struct Pool {
     moved: AtomicU64,
     /// Requests retried after a failure answer before their first token.
     retried: AtomicU64,
+    /// Streams resumed on another worker after theirs died mid-stream.
+    resumed: AtomicU64,
     /// Requests in the pool (waiting or running) per model.
     per_model: Mutex<std::collections::HashMap<String, usize>>,
     /// When recent requests ended, for the drain rate behind Retry-After.
@@ -174,8 +176,10 @@ enum Attempt {
     Failed(String),
     /// The worker's process or pipe went away before any token reached the caller.
     WorkerGone(String),
-    /// The worker failed after tokens reached the caller.
+    /// The worker failed after tokens reached the caller (an engine error: not resumed).
     FailedMidStream(String),
+    /// The worker's process or pipe went away after tokens reached the caller: resumable.
+    DiedMidStream(String),
 }
 
 /// Counts a request against a slot until the stream ends.
@@ -242,6 +246,7 @@ impl Pool {
             started: Instant::now(),
             moved: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
             per_model: Mutex::new(std::collections::HashMap::new()),
             finished: Mutex::new(std::collections::VecDeque::new()),
             waiting: Mutex::new(BTreeSet::new()),
@@ -336,8 +341,16 @@ impl Pool {
         rx
     }
 
-    async fn run_request(self: Arc<Self>, request: GenerateRequest, priority: Priority, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
+    async fn run_request(self: Arc<Self>, mut request: GenerateRequest, priority: Priority, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
         let _active = self.budget.start_request();
+        // A sampled stream gets a seed here, so a resumed stream continues the same draws.
+        if request.sampling.temperature > 0.0 && request.sampling.seed.is_none() {
+            request.sampling.seed = Some(rand::random());
+        }
+        let resume_wait = ms(self.config().pool.resume_timeout_ms);
+        // Tokens the caller has received, for resuming on another worker.
+        let mut emitted: Vec<u32> = request.resume_tokens.clone();
+        let mut resuming = false;
         let mut started = false;
         let retry_config = *self.budget.config();
         let mut exclude = HashSet::new();
@@ -346,8 +359,15 @@ impl Pool {
         let mut last_error = String::new();
         loop {
             attempts += 1;
-            let (slot, conn) = match self.choose(&request.model, &exclude, priority).await {
+            let wait = resuming.then_some(resume_wait);
+            let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
+            let (slot, conn, guard) = match self.choose(&request.model, &key, &exclude, priority, wait).await {
                 Ok(choice) => choice,
+                Err(e) if resuming => {
+                    let message = format!("the stream could not be resumed: {e}");
+                    let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: u64::MAX, message })).await;
+                    return;
+                }
                 Err(e) => {
                     let e = if attempts > 1 && !last_error.is_empty() {
                         PoolError::RetriesExhausted { attempts: attempts - 1, last: last_error }
@@ -358,11 +378,10 @@ impl Pool {
                     return;
                 }
             };
-            let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
             let mut attempt_request = request.clone();
             attempt_request.id = key.clone();
-            let guard = RequestGuard::new(&slot, &conn, key, &request.model, &self.changed);
-            let outcome = self.attempt(&slot, &conn, attempt_request, &tx, &mut started).await;
+            attempt_request.resume_tokens = emitted.clone();
+            let outcome = self.attempt(&slot, &conn, attempt_request, &tx, &mut started, &mut emitted).await;
             drop(guard);
             let record = |o: Outcome| self.record(&slot, o);
             match outcome {
@@ -392,6 +411,23 @@ impl Pool {
                     record(Outcome::Failure);
                     let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
                     return;
+                }
+                Attempt::DiedMidStream(message) => {
+                    // Resume on another worker: the prompt plus the tokens already sent, the
+                    // random stream where it was. The caller sees one unbroken stream.
+                    record(Outcome::Failure);
+                    exclude.insert((slot.id, conn.generation));
+                    let permit = if attempts < MAX_ATTEMPTS { self.wait_for_retry(resume_wait).await } else { None };
+                    let Some(_permit) = permit else {
+                        let message = format!("{message}; the stream could not be resumed (retry budget or attempts spent)");
+                        let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
+                        return;
+                    };
+                    tracing::info!(worker = slot.id, request = %request.id, tokens = emitted.len(), "resuming the stream on another worker");
+                    self.resumed.fetch_add(1, Relaxed);
+                    crate::metrics::retry("resumed");
+                    resuming = true;
+                    sleep(self.retry_delay(&retry_config, attempts)).await;
                 }
                 Attempt::Failed(message) | Attempt::WorkerGone(message) if attempts >= MAX_ATTEMPTS => {
                     record(Outcome::Failure);
@@ -427,6 +463,21 @@ impl Pool {
         }
     }
 
+    /// A retry permit, waiting up to `within` for one: when a worker dies, all its streams want
+    /// to resume at once, and the budget lets them through a few at a time.
+    async fn wait_for_retry(&self, within: Duration) -> Option<crate::retry::RetryPermit> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(p) = self.budget.try_retry() {
+                return Some(p);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn retry_delay(&self, config: &RetryConfig, attempt: u32) -> Duration {
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         retry_delay(config, attempt, &mut *rng)
@@ -438,12 +489,7 @@ impl Pool {
             return Err(PoolError::ShuttingDown);
         }
         let config = self.config();
-        if config.model(&request.model).is_none() {
-            return Err(PoolError::UnknownModel {
-                model: request.model.clone(),
-                configured: config.models.iter().map(|m| m.name.clone()).collect(),
-            });
-        }
+        configured(&config, &request.model)?;
         let mut per_model = self.per_model.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = per_model.values().sum();
         let mine = per_model.get(&request.model).copied().unwrap_or(0);
@@ -485,6 +531,7 @@ impl Pool {
         request: GenerateRequest,
         tx: &mpsc::Sender<StreamItem>,
         started: &mut bool,
+        emitted: &mut Vec<u32>,
     ) -> Attempt {
         let model = request.model.clone();
         let mut sub = match conn.client.generate(request).await {
@@ -504,7 +551,8 @@ impl Pool {
                 };
             }
             // The connection is gone (or never answered): the worker died or hangs.
-            Err(e) => return Attempt::WorkerGone(e.to_string()),
+            Err(e) if emitted.is_empty() => return Attempt::WorkerGone(e.to_string()),
+            Err(e) => return Attempt::DiedMidStream(e.to_string()),
         };
         if !*started {
             *started = true;
@@ -512,17 +560,17 @@ impl Pool {
                 return Attempt::CallerGone;
             }
         }
-        let mut emitted = false;
         loop {
+            let mid_stream = !emitted.is_empty();
             let event = match sub.next().await {
                 Some(Ok(event)) => event,
                 Some(Err(e)) => {
                     let message = format!("unreadable event: {e}");
-                    return if emitted { Attempt::FailedMidStream(message) } else { Attempt::Failed(message) };
+                    return if mid_stream { Attempt::FailedMidStream(message) } else { Attempt::Failed(message) };
                 }
                 None => {
                     let message = "the worker went away".to_string();
-                    return if emitted { Attempt::FailedMidStream(message) } else { Attempt::WorkerGone(message) };
+                    return if mid_stream { Attempt::DiedMidStream(message) } else { Attempt::WorkerGone(message) };
                 }
             };
             let (last, failed) = match &event {
@@ -532,13 +580,15 @@ impl Pool {
                 }
                 GenerateEvent::Final(_) => (true, None),
             };
-            if let (Some(message), false) = (&failed, emitted) {
+            if let (Some(message), false) = (&failed, mid_stream) {
                 return Attempt::Failed(message.clone());
+            }
+            if let GenerateEvent::Token(t) = &event {
+                emitted.extend_from_slice(&t.token_ids);
             }
             if tx.send(Ok(PoolEvent::Event(event))).await.is_err() {
                 return Attempt::CallerGone;
             }
-            emitted = true;
             if last {
                 return match failed {
                     Some(message) => Attempt::FailedMidStream(message),
@@ -574,8 +624,15 @@ impl Pool {
     /// Picks a worker for `model`, waiting up to the queue timeout while every worker that
     /// serves it is at capacity. Waiting requests go in priority order, then first come first
     /// served, per model. Loads the model on the least busy worker when no worker has it.
-    async fn choose(&self, model: &str, exclude: &HashSet<(u64, u64)>, priority: Priority) -> Result<(Arc<Slot>, Arc<Conn>), PoolError> {
-        let waited = ms(self.config().pool.queue_timeout_ms);
+    async fn choose(
+        &self,
+        model: &str,
+        key: &str,
+        exclude: &HashSet<(u64, u64)>,
+        priority: Priority,
+        wait: Option<Duration>,
+    ) -> Result<(Arc<Slot>, Arc<Conn>, RequestGuard), PoolError> {
+        let waited = wait.unwrap_or_else(|| ms(self.config().pool.queue_timeout_ms));
         let deadline = Instant::now() + waited;
         // A request on its second worker or later does not queue again behind new arrivals.
         let ticket = Ticket::take(self, model, priority, !exclude.is_empty());
@@ -586,7 +643,11 @@ impl Pool {
             }
             if ticket.is_first() {
                 match self.pick_worker(model, exclude) {
-                    Pick::Chosen(slot, conn) => return Ok((slot, conn)),
+                    Pick::Chosen(slot, conn) => {
+                        // Counted against the worker before the next in line looks.
+                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, &self.changed);
+                        return Ok((slot, conn, guard));
+                    }
                     Pick::NotLoaded(slot) => match self.load_on(&slot, model).await {
                         Ok(()) => continue,
                         Err(e) => tracing::warn!(worker = slot.id, model, "on-demand load failed: {e}"),
@@ -656,12 +717,7 @@ impl Pool {
     /// when the memory budget requires it.
     async fn load_on(&self, slot: &Arc<Slot>, model: &str) -> Result<(), PoolError> {
         let config = self.config();
-        let Some(m) = config.model(model) else {
-            return Err(PoolError::UnknownModel {
-                model: model.to_string(),
-                configured: config.models.iter().map(|m| m.name.clone()).collect(),
-            });
-        };
+        let m = configured(&config, model)?;
         let Some(conn) = slot.lock().conn.clone() else {
             return Err(PoolError::Conflict { message: format!("worker {} is not running", slot.id) });
         };
@@ -725,6 +781,7 @@ impl Pool {
             retrying_requests: self.budget.retrying(),
             moved_requests: self.moved.load(Relaxed),
             retried_requests: self.retried.load(Relaxed),
+            resumed_streams: self.resumed.load(Relaxed),
             models: config.models.iter().map(|m| m.name.clone()).collect(),
             shutting_down: self.shutting_down.load(Relaxed),
             workers,
@@ -819,10 +876,7 @@ impl Pool {
     /// Loads a model on the given workers (all when `None`), now and whenever they restart.
     pub async fn prefetch(&self, model: &str, workers: Option<Vec<u64>>) -> Result<Vec<u64>, PoolError> {
         let targets = self.targets(workers)?;
-        let config = self.config();
-        if config.model(model).is_none() {
-            return Err(PoolError::UnknownModel { model: model.to_string(), configured: config.models.iter().map(|m| m.name.clone()).collect() });
-        }
+        configured(&self.config(), model)?;
         let mut done = Vec::new();
         for slot in targets {
             slot.lock().desired.insert(model.to_string());
@@ -837,10 +891,7 @@ impl Pool {
     /// Unloads a model from the given workers (all when `None`).
     pub async fn unload(&self, model: &str, workers: Option<Vec<u64>>) -> Result<Vec<u64>, PoolError> {
         let targets = self.targets(workers)?;
-        let config = self.config();
-        if config.model(model).is_none() {
-            return Err(PoolError::UnknownModel { model: model.to_string(), configured: config.models.iter().map(|m| m.name.clone()).collect() });
-        }
+        configured(&self.config(), model)?;
         let mut done = Vec::new();
         for slot in targets {
             let conn = {
@@ -911,6 +962,14 @@ impl Pool {
             stop.await;
         }
     }
+}
+
+/// The model's configuration, or the error that lists the configured models.
+fn configured<'a>(config: &'a Config, model: &str) -> Result<&'a crate::config::ModelConfig, PoolError> {
+    config.model(model).ok_or_else(|| PoolError::UnknownModel {
+        model: model.to_string(),
+        configured: config.models.iter().map(|m| m.name.clone()).collect(),
+    })
 }
 
 /// Bytes of a model's weight files, to check a memory budget before loading it.

@@ -15,6 +15,8 @@ pub struct PoolStatus {
     pub moved_requests: u64,
     /// Requests retried after a failure answer before their first token, since start.
     pub retried_requests: u64,
+    /// Streams resumed on another worker after theirs died mid-stream, since start.
+    pub resumed_streams: u64,
     /// Models in the configuration.
     pub models: Vec<String>,
     pub shutting_down: bool,

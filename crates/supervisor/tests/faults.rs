@@ -33,7 +33,8 @@ async fn under_load(pool: &Arc<mlx_serving_supervisor::Pool>, n: usize, max_toke
 }
 
 /// Every request that had not streamed a token completed, with the tokens it gets alone;
-/// the others ended with a typed mid-stream error. Returns how many were cut mid-stream.
+/// the others completed too (resumed) or ended with a typed mid-stream error. Returns how many
+/// were cut mid-stream.
 async fn check_outcomes(pool: &Arc<mlx_serving_supervisor::Pool>, outcomes: &[(String, Outcome)], max_tokens: usize) -> usize {
     let mut cut = 0;
     for (text, o) in outcomes {
@@ -65,9 +66,11 @@ async fn kill_9_under_load_loses_no_unstarted_request_and_the_slot_comes_back() 
         })
         .await;
         let cut = check_outcomes(&pool, &outcomes, 48).await;
-        let moved = pool.status().moved_requests;
-        eprintln!("{cut} of 32 streams were cut mid-stream, {moved} moved to another worker");
-        assert!(moved > 0, "no request was moved: the kill came too late to test anything");
+        let status = pool.status();
+        let (moved, resumed) = (status.moved_requests, status.resumed_streams);
+        eprintln!("{cut} of 32 streams were cut mid-stream, {moved} moved to another worker, {resumed} resumed");
+        assert!(moved + resumed > 0, "nothing was moved or resumed: the kill came too late to test anything");
+        assert_eq!(cut, 0, "greedy streams whose worker died were not all resumed");
 
         assert!(pool.wait_ready(2, Duration::from_secs(30)).await, "the slot was not replaced");
         let status = pool.status();
@@ -135,6 +138,59 @@ async fn a_worker_that_dies_at_start_is_backed_off_and_quarantined() {
         let o = collect(&pool, request("x", "hello", 4)).await;
         assert!(matches!(o.last, Err(PoolError::NoWorker { .. }) | Err(PoolError::RetriesExhausted { .. })), "{o:?}");
         pool.shutdown(Duration::from_secs(1)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Reads a stream; after its `kill_after`-th token, SIGKILLs the worker serving it.
+async fn stream_and_kill(pool: &Arc<mlx_serving_supervisor::Pool>, req: mlx_serving_protocol::GenerateRequest, kill_after: usize) -> Outcome {
+    use mlx_serving_protocol::GenerateEvent;
+    use mlx_serving_supervisor::PoolEvent;
+    let mut rx = pool.generate(req);
+    let mut tokens = Vec::new();
+    let mut killed = false;
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(PoolEvent::Started) => {}
+            Ok(PoolEvent::Event(GenerateEvent::Token(t))) => {
+                tokens.extend(t.token_ids);
+                if tokens.len() >= kill_after && !killed {
+                    killed = true;
+                    let serving = pool.status().workers.iter().find(|w| w.in_flight == 1).and_then(|w| w.pid).expect("the serving worker");
+                    kill(Pid::from_raw(serving as i32), Signal::SIGKILL).unwrap();
+                }
+            }
+            Ok(PoolEvent::Event(GenerateEvent::Final(f))) => return Outcome { tokens, last: Ok(f) },
+            Err(e) => return Outcome { tokens, last: Err(e) },
+        }
+    }
+    panic!("the stream ended without a final event or an error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_worker_dies_is_resumed_with_exactly_the_uninterrupted_tokens() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = started(config(2)).await;
+        let greedy = request("greedy", "Tell me about free software and its license", 64);
+        let mut sampled = request("sampled", "Tell me about free software and its license", 64);
+        sampled.sampling.temperature = 0.8;
+        sampled.sampling.top_p = 0.95;
+        sampled.sampling.seed = Some(5);
+        for req in [greedy, sampled] {
+            let whole = collect(&pool, req.clone()).await;
+            assert_eq!(whole.tokens.len(), 64);
+            let before = pool.status().resumed_streams;
+            let cut = stream_and_kill(&pool, req.clone(), 10).await;
+            let f = cut.last.unwrap_or_else(|e| panic!("{}: the stream was not resumed: {e}", req.id));
+            assert_eq!(cut.tokens, whole.tokens, "{}: the resumed stream differs from an uninterrupted run", req.id);
+            assert_eq!(f.finish_reason, FinishReason::Length);
+            assert_eq!(f.usage.completion_tokens, 64);
+            assert_eq!(f.usage.prompt_tokens, whole.last.as_ref().unwrap().usage.prompt_tokens);
+            assert_eq!(pool.status().resumed_streams, before + 1);
+            assert!(pool.wait_ready(2, Duration::from_secs(30)).await);
+        }
+        pool.shutdown(Duration::from_secs(5)).await;
     })
     .await
     .expect("test timed out");

@@ -47,7 +47,9 @@ struct Request {
     /// KV-cache bytes held against the budget while running.
     reserve: u64,
     first_token: Option<Instant>,
-    /// Tokens reported to the caller.
+    /// Tokens produced on another worker before this one resumed the stream.
+    resumed: usize,
+    /// Tokens reported to the caller (resumed ones included).
     generated: usize,
     /// Decode steps started (some may not be read yet).
     scheduled: usize,
@@ -259,7 +261,7 @@ impl Scheduler {
             return Err(invalid(format!("request id `{}` is already in use", request.id)));
         }
         let model = &loaded.model;
-        let prompt = match &request.prompt {
+        let mut prompt = match &request.prompt {
             Prompt::Text(text) => model.tokenizer.encode(text, true).map_err(|e| invalid(e.to_string()))?,
             Prompt::TokenIds(ids) => ids.clone(),
             Prompt::Messages(messages) => {
@@ -287,11 +289,20 @@ impl Scheduler {
             ignore_eos: request.ignore_eos,
             prefill_step: self.config.prefill_chunk,
         };
-        model.check_request(prompt.len(), &params).map_err(engine_error)?;
+        let resumed = request.resume_tokens.len();
+        if resumed >= params.max_tokens {
+            return Err(invalid(format!(
+                "`resume_tokens` ({resumed}) must be fewer than `max_tokens` ({})",
+                params.max_tokens
+            )));
+        }
+        prompt.extend_from_slice(&request.resume_tokens);
+        let remaining = GenerateParams { max_tokens: params.max_tokens - resumed, ..params.clone() };
+        model.check_request(prompt.len(), &remaining).map_err(engine_error)?;
         if request.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}", request.top_logprobs)));
         }
-        let reserve = (prompt.len() + params.max_tokens) as u64 * loaded.kv_per_token;
+        let reserve = (prompt.len() + remaining.max_tokens) as u64 * loaded.kv_per_token;
         if reserve > self.config.kv_cache_bytes {
             return Err(invalid(format!(
                 "the request needs {reserve} bytes of KV cache (prompt {} + max_tokens {} tokens), more than the worker's budget of {} bytes",
@@ -304,8 +315,14 @@ impl Scheduler {
             return Err(ErrorCode::Overloaded
                 .error(format!("the queue is full ({} requests waiting)", self.config.max_queue)));
         }
-        let text = TextStream::new(&model.tokenizer, &params.stop).map_err(engine_error)?;
-        let sampler = Sampler::new(params.sampling.clone()).map_err(engine_error)?;
+        let mut text = TextStream::new(&model.tokenizer, &params.stop).map_err(engine_error)?;
+        let mut sampler = Sampler::new(params.sampling.clone()).map_err(engine_error)?;
+        // A resumed stream picks up where it stopped: the detokeniser holds what it held then
+        // (its text was sent already), and the random stream is where it was.
+        for &t in &request.resume_tokens {
+            text.push(t).map_err(engine_error)?;
+        }
+        sampler.advance(resumed).map_err(engine_error)?;
         let seq = Sequence::new(model, prompt, sampler).map_err(engine_error)?;
         self.next_key += 1;
         self.queue.push_back(Request {
@@ -321,8 +338,9 @@ impl Scheduler {
             arrived,
             reserve,
             first_token: None,
-            generated: 0,
-            scheduled: 0,
+            resumed,
+            generated: resumed,
+            scheduled: resumed,
             done: None,
         });
         self.counts.accepted += 1;
@@ -520,7 +538,7 @@ impl Scheduler {
         let event = FinalEvent {
             finish_reason: reason,
             text,
-            usage: Usage { prompt_tokens: r.seq.prompt().len(), completion_tokens: r.generated },
+            usage: Usage { prompt_tokens: r.seq.prompt().len() - r.resumed, completion_tokens: r.generated },
             time_to_first_token_ms: r.first_token.map(|t| ms(t.duration_since(r.arrived))),
             total_ms: ms(r.arrived.elapsed()),
             error,

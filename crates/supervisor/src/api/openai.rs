@@ -244,6 +244,7 @@ pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &
         ignore_eos: b.ignore_eos.unwrap_or(false),
         logprobs,
         top_logprobs,
+        resume_tokens: Vec::new(),
     };
     let return_token_ids = b.return_token_ids.unwrap_or(false);
     Ok(ValidRequest { route, model: b.model, stream, include_usage, logprobs, return_token_ids, generate })

@@ -60,6 +60,7 @@ pub fn request(id: &str, text: &str, max_tokens: usize) -> GenerateRequest {
         ignore_eos: true,
         logprobs: false,
         top_logprobs: 0,
+        resume_tokens: vec![],
     }
 }
 

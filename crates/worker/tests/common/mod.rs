@@ -72,6 +72,7 @@ pub fn request(id: &str, prompt: Prompt, max_tokens: usize) -> GenerateRequest {
         ignore_eos: true,
         logprobs: false,
         top_logprobs: 0,
+        resume_tokens: vec![],
     }
 }
 
