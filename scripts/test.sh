@@ -14,3 +14,4 @@ if ! cmp -s "$root/tests/api/requirements.txt" "$stamp"; then
   cp "$root/tests/api/requirements.txt" "$stamp"
 fi
 "$root/.venv/bin/python" -m pytest "$root/tests/api" -q -p no:cacheprovider 2>&1
+bash "$root/chaos/run.sh" 2>&1
