@@ -7,11 +7,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MLX_PYTHON=$(bash "$root/scripts/setup.sh")
 export MLX_PYTHON
 cd "$root"
-cargo build --release --locked --quiet -p mlx-serving -p mlx-serving-worker -p mlx-serving-chaos
+cargo build --release --locked --quiet -p mlx-serving -p mlx-serving-worker -p mlx-serving-faultworker -p mlx-serving-chaos
 duration=${CHAOS_DURATION:-12}
 soak=${CHAOS_SOAK_DURATION:-40}
 failed=()
-for scenario in kill9 hang rolling crashloop supervisor-kill soak; do
+for scenario in kill9 hang rolling garbage crashloop supervisor-kill soak; do
   d=$duration
   [ "$scenario" = soak ] && d=$soak
   echo "== chaos $scenario (${d} s)"

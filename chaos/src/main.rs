@@ -36,6 +36,9 @@ enum Scenario {
     SupervisorKill,
     /// SIGKILL a random worker every 5-30 s.
     Soak,
+    /// Every worker writes a non-protocol line after 1000 tokens (through the fault-injecting
+    /// proxy): each is killed and replaced, its streams resumed.
+    Garbage,
 }
 
 #[derive(Parser)]
@@ -90,13 +93,13 @@ fn root() -> PathBuf {
 
 /// Starts the server. `restart_window_ms` is the restart-intensity window: short where faults
 /// hit the same slot often on purpose, the default 30 s for the crash loop.
-fn start(args: &Args, worker_command: Option<&str>, restart_window_ms: u64) -> Result<Server> {
+fn start(args: &Args, worker_command: Option<Vec<String>>, restart_window_ms: u64) -> Result<Server> {
     let bin = args.bin.clone().unwrap_or_else(|| root().join("target/release/mlx-serving"));
     let model = args.model.clone().unwrap_or_else(|| root().join("tests/fixtures/models/qwen3-bf16"));
     let (http, admin) = (free_port()?, free_port()?);
     let dir = std::env::temp_dir().join(format!("mlx-serving-chaos-{}-{http}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let command = worker_command.map(|c| format!("worker_command = [\"sh\", \"-c\", {c:?}]")).unwrap_or_default();
+    let command = worker_command.map(|c| format!("worker_command = {c:?}")).unwrap_or_default();
     let config = format!(
         r#"
 [pool]
@@ -231,6 +234,14 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
             Scenario::Kill9 | Scenario::Hang => rng.random_range(2000..4000),
             Scenario::Soak => rng.random_range(5000..30000),
             Scenario::Rolling => 500,
+            Scenario::Garbage => {
+                // The workers break by themselves; count what the supervisor saw.
+                let before = status(s).await?;
+                tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+                let after = status(s).await?;
+                let restarts = |v: &Value| v["workers"].as_array().into_iter().flatten().map(|w| w["restarts"].as_u64().unwrap_or(0)).sum::<u64>();
+                return Ok((restarts(&after).saturating_sub(restarts(&before)), kills));
+            }
             _ => return Ok((0, kills)),
         };
         tokio::time::sleep(Duration::from_millis(gap).min(end.saturating_duration_since(Instant::now()))).await;
@@ -317,7 +328,17 @@ async fn run(args: &Args) -> Result<Value> {
         Scenario::SupervisorKill => return supervisor_kill(args).await,
         _ => {}
     }
-    let server = start(args, None, 5000)?;
+    let command = (args.scenario == Scenario::Garbage).then(|| {
+        let bin = args.bin.clone().unwrap_or_else(|| root().join("target/release/mlx-serving"));
+        vec![
+            bin.with_file_name("mlx-serving-faultworker").display().to_string(),
+            "--fault".into(),
+            "garbage-at-token:1000".into(),
+            "--".into(),
+            bin.with_file_name("mlx-serving-worker").display().to_string(),
+        ]
+    });
+    let server = start(args, command, 5000)?;
     wait_ready(&server, args.workers).await?;
     // Expected tokens from fault-free runs.
     let mut expected = Vec::new();
@@ -372,6 +393,9 @@ async fn run(args: &Args) -> Result<Value> {
     if !healed {
         failures.push("the pool did not return to full strength".into());
     }
+    if args.scenario == Scenario::Garbage && faults == 0 {
+        failures.push("no worker wrote garbage: the run tested nothing".into());
+    }
     let detection_p99 = percentile(&mut detection.clone(), 99.0);
     if detection_p99 > 50.0 && matches!(args.scenario, Scenario::Kill9 | Scenario::Soak) {
         failures.push(format!("crash detection p99 {detection_p99:.1} ms > 50 ms"));
@@ -411,7 +435,8 @@ async fn run(args: &Args) -> Result<Value> {
 /// A worker command that exits at boot: backoff and quarantine, no spin, and the supervisor
 /// keeps answering.
 async fn crashloop(args: &Args) -> Result<Value> {
-    let server = start(args, Some("echo 'chaos: dying at boot' >&2; exit 7"), 30_000)?;
+    let command = ["sh", "-c", "echo 'chaos: dying at boot' >&2; exit 7"].map(String::from).to_vec();
+    let server = start(args, Some(command), 30_000)?;
     let watch = Duration::from_secs(args.duration.clamp(5, 60));
     tokio::time::sleep(watch).await;
     let st = status(&server).await?;

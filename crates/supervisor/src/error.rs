@@ -26,6 +26,9 @@ pub enum PoolError {
     /// The worker died after the stream had sent tokens.
     #[error("worker {worker} failed after the stream started: {message}")]
     WorkerFailedMidStream { worker: u64, message: String },
+    /// This request (or one identical to it) took down workers; it is refused for a while.
+    #[error("this request took down {crashes} workers and is quarantined: it is refused for 10 minutes")]
+    Poisoned { crashes: u32 },
     /// The supervisor is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -30,6 +30,7 @@ pub fn install() -> PrometheusHandle {
             for reason in ["exit", "signal", "hung", "spawn", "start"] {
                 counter!("mlx_worker_restarts_total", "reason" => reason).increment(0);
             }
+            counter!("mlx_poisoned_requests_total").increment(0);
             for kind in ["moved", "retried", "resumed"] {
                 counter!("mlx_retries_total", "kind" => kind).increment(0);
             }
@@ -83,6 +84,11 @@ pub fn retry(kind: &'static str) {
 /// A worker died; `reason` is its class: exit, signal, hung, spawn, start.
 pub fn restart(reason: &'static str) {
     counter!("mlx_worker_restarts_total", "reason" => reason).increment(1);
+}
+
+/// A request was quarantined as poisonous.
+pub fn poisoned() {
+    counter!("mlx_poisoned_requests_total").increment(1);
 }
 
 pub fn heartbeat_rtt(worker: u64, seconds: f64) {

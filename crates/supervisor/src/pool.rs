@@ -43,6 +43,21 @@ const STREAM_BUFFER: usize = 256;
 /// Attempts per request at most, whatever the cause.
 const MAX_ATTEMPTS: u32 = 8;
 
+/// A request that took down this many workers is poisonous: it and its twins are refused.
+const POISON_CRASHES: u32 = 2;
+
+/// How long a poisonous request stays refused.
+const POISON_TTL: Duration = Duration::from_secs(600);
+
+/// What makes two requests the same for poison quarantine: everything but the id.
+fn fingerprint(r: &GenerateRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let key = serde_json::json!([r.model, r.prompt, r.max_tokens, r.sampling, r.stop, r.stop_token_ids, r.ignore_eos]);
+    key.to_string().hash(&mut h);
+    h.finish()
+}
+
 pub struct Pool {
     config: Arc<RwLock<Config>>,
     slots: Mutex<Vec<Arc<Slot>>>,
@@ -66,6 +81,8 @@ pub struct Pool {
     finished: Mutex<std::collections::VecDeque<Instant>>,
     /// Requests waiting for a worker: (model, priority, arrival number).
     waiting: Mutex<BTreeSet<(String, Priority, u64)>>,
+    /// Fingerprints of requests that took down workers, and until when they are refused.
+    poisoned: Mutex<std::collections::HashMap<u64, Instant>>,
     next_ticket: AtomicU64,
 }
 
@@ -250,6 +267,7 @@ impl Pool {
             per_model: Mutex::new(std::collections::HashMap::new()),
             finished: Mutex::new(std::collections::VecDeque::new()),
             waiting: Mutex::new(BTreeSet::new()),
+            poisoned: Mutex::new(std::collections::HashMap::new()),
             next_ticket: AtomicU64::new(0),
         });
         for _ in 0..workers {
@@ -352,6 +370,8 @@ impl Pool {
         let mut emitted: Vec<u32> = request.resume_tokens.clone();
         let mut resuming = false;
         let mut started = false;
+        // Workers that died with this request on them.
+        let mut deaths = 0u32;
         let retry_config = *self.budget.config();
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
@@ -410,6 +430,11 @@ impl Pool {
                 Attempt::FailedMidStream(message) => {
                     record(Outcome::Failure);
                     let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
+                    return;
+                }
+                Attempt::DiedMidStream(_) | Attempt::WorkerGone(_) if self.blame(&request, &mut deaths).is_some() => {
+                    record(Outcome::Failure);
+                    let _ = tx.send(Err(PoolError::Poisoned { crashes: deaths })).await;
                     return;
                 }
                 Attempt::DiedMidStream(message) => {
@@ -490,6 +515,9 @@ impl Pool {
         }
         let config = self.config();
         configured(&config, &request.model)?;
+        if self.is_poisoned(fingerprint(request)) {
+            return Err(PoolError::Poisoned { crashes: POISON_CRASHES });
+        }
         let mut per_model = self.per_model.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = per_model.values().sum();
         let mine = per_model.get(&request.model).copied().unwrap_or(0);
@@ -505,6 +533,25 @@ impl Pool {
         }
         *per_model.entry(request.model.clone()).or_insert(0) += 1;
         Ok(Admission { pool: self.clone(), model: request.model.clone() })
+    }
+
+    fn is_poisoned(&self, fp: u64) -> bool {
+        let mut p = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        p.retain(|_, until| *until > now);
+        p.contains_key(&fp)
+    }
+
+    /// Counts a worker death against a request; returns the error once it is poisonous.
+    fn blame(&self, request: &GenerateRequest, deaths: &mut u32) -> Option<PoolError> {
+        *deaths += 1;
+        if *deaths < POISON_CRASHES {
+            return None;
+        }
+        tracing::error!(request = %request.id, "the request took down {deaths} workers: refusing it and its twins");
+        crate::metrics::poisoned();
+        self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).insert(fingerprint(request), Instant::now() + POISON_TTL);
+        Some(PoolError::Poisoned { crashes: *deaths })
     }
 
     /// Seconds for `depth` requests to drain at the rate requests ended lately (1 to 60).

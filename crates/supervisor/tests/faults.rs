@@ -195,3 +195,64 @@ async fn a_stream_whose_worker_dies_is_resumed_with_exactly_the_uninterrupted_to
     .await
     .expect("test timed out");
 }
+
+/// A pool whose workers sit behind the fault-injecting proxy with `fault`.
+async fn faulty_pool(workers: usize, fault: &str) -> Arc<mlx_serving_supervisor::Pool> {
+    let mut c = config(workers);
+    let proxy = worker_bin().with_file_name("mlx-serving-faultworker");
+    assert!(proxy.exists(), "{} is missing: build the workspace first", proxy.display());
+    c.pool.worker_command = vec![proxy.display().to_string(), "--fault".into(), fault.into(), "--".into(), worker_bin().display().to_string()];
+    started(c).await
+}
+
+/// Workers that break in ways other than dying (stalling while heartbeating, writing garbage or
+/// an oversized line) are killed and replaced, and the stream goes on elsewhere unbroken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_garbage_and_oversized_workers_are_replaced_and_their_streams_resumed() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let reference = started(config(1)).await;
+        // 8 tokens: the fault fires after 5 on the first worker; the resumed part (3) stays
+        // below it on the next.
+        let expected = collect(&reference, request("ref", "Faults ahead", 8)).await.tokens;
+        reference.shutdown(Duration::from_secs(5)).await;
+        for (fault, reason) in [("stall-at-token:5", "no progress"), ("garbage-at-token:5", ""), ("oversized-at-token:5", "")] {
+            let pool = faulty_pool(2, fault).await;
+            let got = collect(&pool, request("r", "Faults ahead", 8)).await;
+            assert!(got.last.is_ok(), "{fault}: {:?}", got.last);
+            assert_eq!(got.tokens, expected, "{fault}: the resumed stream differs");
+            let status = pool.status();
+            assert_eq!(status.resumed_streams, 1, "{fault}");
+            let crash = status.workers.iter().find_map(|w| w.last_crash.clone()).expect("the broken worker's end is recorded");
+            assert!(crash.reason.contains(reason), "{fault}: {crash:?}");
+            assert!(pool.wait_ready(2, Duration::from_secs(30)).await, "{fault}: not replaced");
+            pool.shutdown(Duration::from_secs(5)).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisonous_request_is_quarantined_and_the_pool_stays_healthy() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = faulty_pool(3, "poison:POISON-PILL").await;
+        let bad = collect(&pool, request("bad", "this prompt carries a POISON-PILL", 8)).await;
+        assert!(matches!(bad.last, Err(PoolError::Poisoned { crashes: 2 })), "{:?}", bad.last);
+        // Its twin is refused at once, without touching a worker.
+        let restarts = || pool.status().workers.iter().map(|w| w.restarts).sum::<u64>();
+        assert!(eventually(Duration::from_secs(10), || restarts() == 2).await, "two workers died: {}", restarts());
+        let before = restarts();
+        let twin = collect(&pool, request("twin", "this prompt carries a POISON-PILL", 8)).await;
+        assert!(matches!(twin.last, Err(PoolError::Poisoned { .. })), "{:?}", twin.last);
+        // The pool heals and serves everything else.
+        assert!(pool.wait_ready(3, Duration::from_secs(30)).await);
+        assert_eq!(before, restarts(), "the twin reached a worker");
+        for i in 0..6 {
+            let ok = collect(&pool, request(&format!("ok{i}"), "a healthy prompt", 4)).await;
+            assert!(ok.last.is_ok(), "{:?}", ok.last);
+        }
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -289,15 +289,18 @@ impl Scheduler {
             ignore_eos: request.ignore_eos,
             prefill_step: self.config.prefill_chunk,
         };
+        if params.max_tokens == 0 {
+            return Err(invalid("`max_tokens` must be at least 1".into()));
+        }
         let resumed = request.resume_tokens.len();
-        if resumed >= params.max_tokens {
+        if resumed > params.max_tokens {
             return Err(invalid(format!(
-                "`resume_tokens` ({resumed}) must be fewer than `max_tokens` ({})",
+                "`resume_tokens` ({resumed}) must not exceed `max_tokens` ({})",
                 params.max_tokens
             )));
         }
         prompt.extend_from_slice(&request.resume_tokens);
-        let remaining = GenerateParams { max_tokens: params.max_tokens - resumed, ..params.clone() };
+        let remaining = GenerateParams { max_tokens: (params.max_tokens - resumed).max(1), ..params.clone() };
         model.check_request(prompt.len(), &remaining).map_err(engine_error)?;
         if request.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}", request.top_logprobs)));
@@ -319,8 +322,15 @@ impl Scheduler {
         let mut sampler = Sampler::new(params.sampling.clone()).map_err(engine_error)?;
         // A resumed stream picks up where it stopped: the detokeniser holds what it held then
         // (its text was sent already), and the random stream is where it was.
+        let mut done = None;
         for &t in &request.resume_tokens {
-            text.push(t).map_err(engine_error)?;
+            if text.push(t).map_err(engine_error)?.stopped {
+                done = Some((FinishReason::Stop, None));
+            }
+        }
+        // The stream had everything but its final event: it ends at once.
+        if done.is_none() && resumed == params.max_tokens {
+            done = Some((FinishReason::Length, None));
         }
         sampler.advance(resumed).map_err(engine_error)?;
         let seq = Sequence::new(model, prompt, sampler).map_err(engine_error)?;
@@ -341,7 +351,7 @@ impl Scheduler {
             resumed,
             generated: resumed,
             scheduled: resumed,
-            done: None,
+            done,
         });
         self.counts.accepted += 1;
         Ok(())

@@ -146,3 +146,31 @@ async fn cancelling_one_stream_leaves_the_others_intact() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_request_continues_exactly_where_the_first_stopped() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let w = with_model(&[]).await;
+        let mut sampled = request("s", Prompt::Text("Resume me".into()), 40);
+        sampled.sampling = Sampling { temperature: 0.9, seed: Some(3), ..Sampling::default() };
+        for base in [request("g", Prompt::Text("Resume me".into()), 40), sampled] {
+            let whole = collect(w.client.generate(base.clone()).await.unwrap()).await;
+            for cut in [10, 40] {
+                let mut resumed = base.clone();
+                resumed.id = format!("{}-{cut}", base.id);
+                resumed.resume_tokens = whole.tokens[..cut].to_vec();
+                let rest = collect(w.client.generate(resumed).await.unwrap()).await;
+                assert_eq!(rest.tokens, whole.tokens[cut..], "{} resumed after {cut}", base.id);
+                assert_eq!(rest.last.finish_reason, FinishReason::Length);
+                assert_eq!(rest.last.usage.completion_tokens, 40);
+                assert_eq!(rest.last.usage.prompt_tokens, whole.last.usage.prompt_tokens);
+            }
+        }
+        let mut too_many = request("x", Prompt::Text("Resume me".into()), 4);
+        too_many.resume_tokens = vec![5; 5];
+        let err = w.client.generate(too_many).await.err().expect("refused").to_string();
+        assert!(err.contains("resume_tokens"), "{err}");
+    })
+    .await
+    .expect("test timed out");
+}

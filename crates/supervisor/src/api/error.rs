@@ -75,6 +75,11 @@ impl ApiError {
                 let code = if message.contains("context") { Some("context_length_exceeded") } else { None };
                 ApiError { code, ..ApiError::invalid(Some(param), message) }
             }
+            PoolError::Poisoned { .. } => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: Some("request_quarantined"),
+                ..ApiError::invalid(None, message)
+            },
             PoolError::QueueFull { retry_after_s, .. } => ApiError {
                 retry_after_s: Some(retry_after_s),
                 code: Some("rate_limit_exceeded"),

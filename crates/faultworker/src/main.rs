@@ -1,0 +1,150 @@
+//! `mlx-serving-faultworker`: a test tool, never a replacement for the real worker. It starts the
+//! real worker (the command after `--`), passes the protocol through line by line, and injects
+//! one fault:
+//!
+//! - `crash-at-token:N`: after N token events, the worker dies (SIGKILL) and so does the proxy;
+//! - `abort-at-token:N`: the same, by SIGABRT of the proxy (a crash with a core-dump signal);
+//! - `hang-at-token:N`: after N token events, the worker is stopped (SIGSTOP) and nothing more
+//!   passes, heartbeats included;
+//! - `stall-at-token:N`: after N token events, generate events stop, heartbeats keep coming with
+//!   their progress counters frozen and a sequence active;
+//! - `garbage-at-token:N`: after N token events, one line that is not JSON;
+//! - `oversized-at-token:N`: after N token events, one 8 MiB line;
+//! - `poison:TEXT`: abort as soon as a request whose line contains TEXT arrives.
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+#[derive(Parser)]
+struct Args {
+    /// KIND:ARG, e.g. crash-at-token:10 (see the crate docs).
+    #[arg(long)]
+    fault: String,
+    /// The real worker command.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    Crash(usize),
+    Abort(usize),
+    Hang(usize),
+    Stall(usize),
+    Garbage(usize),
+    Oversized(usize),
+    Poison(String),
+}
+
+fn parse(s: &str) -> Result<Fault> {
+    let (kind, arg) = s.split_once(':').context("a fault is KIND:ARG")?;
+    let n = || arg.parse::<usize>().with_context(|| format!("`{arg}` is not a token count"));
+    Ok(match kind {
+        "crash-at-token" => Fault::Crash(n()?),
+        "abort-at-token" => Fault::Abort(n()?),
+        "hang-at-token" => Fault::Hang(n()?),
+        "stall-at-token" => Fault::Stall(n()?),
+        "garbage-at-token" => Fault::Garbage(n()?),
+        "oversized-at-token" => Fault::Oversized(n()?),
+        "poison" => Fault::Poison(arg.to_string()),
+        other => bail!("unknown fault `{other}`"),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let fault = parse(&args.fault)?;
+    let (program, rest) = args.command.split_first().context("no worker command")?;
+    let mut child = Command::new(program).args(rest).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+    let pid = Pid::from_raw(child.id().unwrap_or(0) as i32);
+    let mut child_in = child.stdin.take().context("stdin")?;
+    let child_out = child.stdout.take().context("stdout")?;
+
+    // Requests in.
+    let poison = match &fault {
+        Fault::Poison(text) => Some(text.clone()),
+        _ => None,
+    };
+    let inbound = tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if poison.as_ref().is_some_and(|p| line.contains(p.as_str())) {
+                let _ = kill(pid, Signal::SIGKILL);
+                std::process::abort();
+            }
+            if child_in.write_all(line.as_bytes()).await.is_err() || child_in.write_all(b"\n").await.is_err() {
+                break;
+            }
+            let _ = child_in.flush().await;
+        }
+        // Our stdin closed: the worker's closes too, and it exits.
+    });
+
+    // Protocol out.
+    let mut out = tokio::io::stdout();
+    let mut lines = BufReader::new(child_out).lines();
+    let (mut tokens, mut stalled_progress): (usize, Option<String>) = (0, None);
+    while let Ok(Some(line)) = lines.next_line().await {
+        let is_token = line.contains("\"generate_event\"") && line.contains("\"type\":\"token\"");
+        if let Some(frozen) = &mut stalled_progress {
+            if line.contains("\"generate_event\"") {
+                continue;
+            }
+            if line.contains("\"method\":\"heartbeat\"") {
+                let l = freeze(&line, frozen).replace("\"active_sequences\":0", "\"active_sequences\":1");
+                write(&mut out, &l).await;
+                continue;
+            }
+        }
+        write(&mut out, &line).await;
+        if !is_token {
+            continue;
+        }
+        tokens += 1;
+        match &fault {
+            Fault::Crash(n) if tokens == *n => {
+                let _ = kill(pid, Signal::SIGKILL);
+                std::process::exit(3);
+            }
+            Fault::Abort(n) if tokens == *n => {
+                let _ = kill(pid, Signal::SIGKILL);
+                std::process::abort();
+            }
+            Fault::Hang(n) if tokens == *n => {
+                let _ = kill(pid, Signal::SIGSTOP);
+                inbound.abort();
+                std::future::pending::<()>().await;
+            }
+            Fault::Stall(n) if tokens == *n => stalled_progress = Some(String::new()),
+            Fault::Garbage(n) if tokens == *n => write(&mut out, "this is not a protocol line").await,
+            Fault::Oversized(n) if tokens == *n => write(&mut out, &"x".repeat(8 << 20)).await,
+            _ => {}
+        }
+    }
+    let status = child.wait().await?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The heartbeat line with the progress counters of the first heartbeat after the stall began
+/// (which `frozen` remembers).
+fn freeze(line: &str, frozen: &mut String) -> String {
+    let Some(start) = line.find("\"progress\":{") else { return line.to_string() };
+    let Some(len) = line[start..].find('}') else { return line.to_string() };
+    let current = &line[start..start + len + 1];
+    if frozen.is_empty() {
+        *frozen = current.to_string();
+    }
+    line.replace(current, frozen)
+}
+
+async fn write(out: &mut tokio::io::Stdout, line: &str) {
+    let _ = out.write_all(line.as_bytes()).await;
+    let _ = out.write_all(b"\n").await;
+    let _ = out.flush().await;
+}
