@@ -6,8 +6,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MLX_PYTHON=$(bash "$root/scripts/setup.sh")
 export MLX_PYTHON
 cd "$root"
-cargo test --workspace --release --locked 2>&1
+# The binaries first: the supervisor's tests start the worker and the fault-injecting proxy.
 cargo build --workspace --release --locked --bins 2>&1
+cargo test --workspace --release --locked 2>&1
 stamp="$root/.venv/.api-requirements"
 if ! cmp -s "$root/tests/api/requirements.txt" "$stamp"; then
   "$root/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/api/requirements.txt"

@@ -222,9 +222,9 @@ async fn load(clients: usize, max_tokens: usize, http: u16, expected: Arc<Vec<Ve
     Arc::try_unwrap(ledger).map(Mutex::into_inner).unwrap_or_default()
 }
 
-/// The fault schedule of a scenario; returns the faults injected and, per fault, the pid and
-/// the milliseconds until the supervisor recorded its death.
-async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -> Result<(u64, Vec<(u32, f64)>)> {
+/// The fault schedule of a scenario; returns the faults injected and, per fault, the
+/// milliseconds until the supervisor recorded the death and until the slot was ready again.
+async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -> Result<(u64, Vec<(f64, f64)>)> {
     use rand::SeedableRng;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let end = Instant::now() + duration;
@@ -277,19 +277,28 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
             kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
         }
         faults += 1;
-        // The crash record of this pid: its time minus the kill's is the detection latency.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The crash record of this pid (its time minus the kill's is the detection latency),
+        // then the slot ready again with a new process (replacement-ready time).
+        let (deadline, killed_at) = (Instant::now() + Duration::from_secs(30), Instant::now());
+        let (mut detected, mut slot) = (None, None);
         while Instant::now() < deadline {
             let st = status(s).await?;
-            let at = st["workers"].as_array().into_iter().flatten().find_map(|w| {
-                let c = w["last_crash"].as_object()?;
-                (c["pid"].as_u64()? == u64::from(pid)).then(|| c["at_unix_s"].as_f64()).flatten()
-            });
-            if let Some(at) = at {
-                kills.push((pid, (at - now) * 1000.0));
+            for w in st["workers"].as_array().into_iter().flatten() {
+                let c = &w["last_crash"];
+                if detected.is_none() && c["pid"].as_u64() == Some(u64::from(pid)) {
+                    detected = c["at_unix_s"].as_f64().map(|at| (at - now) * 1000.0);
+                    slot = w["id"].as_u64();
+                }
+                if slot.is_some() && w["id"].as_u64() == slot && w["state"] == "ready" && w["pid"].as_u64() != Some(u64::from(pid)) {
+                    kills.push((detected.unwrap_or(f64::NAN), killed_at.elapsed().as_secs_f64() * 1000.0));
+                    slot = None;
+                    detected = Some(f64::NAN);
+                }
+            }
+            if detected.is_some_and(f64::is_nan) {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     Ok((faults, kills))
@@ -375,8 +384,9 @@ async fn run(args: &Args) -> Result<Value> {
     let healed = wait_ready(&server, args.workers).await.is_ok();
     let after = status(&server).await?;
 
-    // Detection latency: kill time to the crash record of that pid.
-    let detection: Vec<f64> = kills.iter().map(|(_, ms)| *ms).collect();
+    // Detection latency: kill time to the crash record of that pid; then to ready again.
+    let detection: Vec<f64> = kills.iter().map(|(d, _)| *d).filter(|d| d.is_finite()).collect();
+    let mut ready_ms: Vec<f64> = kills.iter().map(|(_, r)| *r).collect();
     let counter = |k: &str| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
     let (p99_base, p99_chaos) = (percentile(&mut baseline.latencies_ms, 99.0), percentile(&mut chaos.latencies_ms, 99.0));
     let inflation = if p99_base > 0.0 { p99_chaos / p99_base } else { 0.0 };
@@ -418,6 +428,7 @@ async fn run(args: &Args) -> Result<Value> {
             "duplicated_or_missing_tokens": chaos.mismatched,
         },
         "detection_ms": {"p50": percentile(&mut detection.clone(), 50.0), "p99": detection_p99, "samples": detection.len()},
+        "replacement_ready_ms": {"p50": percentile(&mut ready_ms, 50.0), "p99": percentile(&mut ready_ms, 99.0), "samples": ready_ms.len()},
         "latency_ms": {
             "fault_free": {"p50": percentile(&mut baseline.latencies_ms, 50.0), "p99": p99_base, "requests": baseline.ok},
             "under_faults": {"p50": percentile(&mut chaos.latencies_ms, 50.0), "p99": p99_chaos},
