@@ -36,7 +36,7 @@ enum Scenario {
     SupervisorKill,
     /// SIGKILL a random worker every 5-30 s.
     Soak,
-    /// Every worker writes a non-protocol line after 1000 tokens (through the fault-injecting
+    /// Every worker writes a non-protocol line after 500 to 1500 tokens (through the fault-injecting
     /// proxy): each is killed and replaced, its streams resumed.
     Garbage,
 }
@@ -342,7 +342,7 @@ async fn run(args: &Args) -> Result<Value> {
         vec![
             bin.with_file_name("mlx-serving-faultworker").display().to_string(),
             "--fault".into(),
-            "garbage-at-token:1000".into(),
+            "garbage-at-token:500-1500".into(),
             "--".into(),
             bin.with_file_name("mlx-serving-worker").display().to_string(),
         ]

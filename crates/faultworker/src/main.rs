@@ -2,6 +2,8 @@
 //! real worker (the command after `--`), passes the protocol through line by line, and injects
 //! one fault:
 //!
+//! N may be a range `MIN-MAX`: each process picks its own count in it.
+//!
 //! - `crash-at-token:N`: after N token events, the worker dies (SIGKILL) and so does the proxy;
 //! - `abort-at-token:N`: the same, by SIGABRT of the proxy (a crash with a core-dump signal);
 //! - `hang-at-token:N`: after N token events, the worker is stopped (SIGSTOP) and nothing more
@@ -43,7 +45,17 @@ enum Fault {
 
 fn parse(s: &str) -> Result<Fault> {
     let (kind, arg) = s.split_once(':').context("a fault is KIND:ARG")?;
-    let n = || arg.parse::<usize>().with_context(|| format!("`{arg}` is not a token count"));
+    // N, or MIN-MAX for a count picked per process (so workers do not fail in step).
+    let n = || -> Result<usize> {
+        match arg.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi): (usize, usize) = (lo.parse()?, hi.parse()?);
+                let span = hi.saturating_sub(lo) + 1;
+                Ok(lo + (std::process::id() as usize).wrapping_mul(2_654_435_761) % span)
+            }
+            None => arg.parse::<usize>().with_context(|| format!("`{arg}` is not a token count")),
+        }
+    };
     Ok(match kind {
         "crash-at-token" => Fault::Crash(n()?),
         "abort-at-token" => Fault::Abort(n()?),

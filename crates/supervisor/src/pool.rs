@@ -196,7 +196,8 @@ enum Attempt {
     /// The worker failed after tokens reached the caller (an engine error: not resumed).
     FailedMidStream(String),
     /// The worker's process or pipe went away after tokens reached the caller: resumable.
-    DiedMidStream(String),
+    /// `before_token`: this worker died before it produced a token of this request.
+    DiedMidStream { message: String, before_token: bool },
 }
 
 /// Counts a request against a slot until the stream ends.
@@ -432,12 +433,17 @@ impl Pool {
                     let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
                     return;
                 }
-                Attempt::DiedMidStream(_) | Attempt::WorkerGone(_) if self.blame(&request, &mut deaths).is_some() => {
+                // Only a death before the worker produced anything for the request counts against
+                // it: a poisonous input takes a worker down as it starts on it, while deaths in
+                // the middle of a stream come from elsewhere (a kill, a fault) far more often.
+                Attempt::DiedMidStream { before_token: true, .. } | Attempt::WorkerGone(_)
+                    if self.blame(&request, &mut deaths).is_some() =>
+                {
                     record(Outcome::Failure);
                     let _ = tx.send(Err(PoolError::Poisoned { crashes: deaths })).await;
                     return;
                 }
-                Attempt::DiedMidStream(message) => {
+                Attempt::DiedMidStream { message, .. } => {
                     // Resume on another worker: the prompt plus the tokens already sent, the
                     // random stream where it was. The caller sees one unbroken stream.
                     record(Outcome::Failure);
@@ -599,7 +605,7 @@ impl Pool {
             }
             // The connection is gone (or never answered): the worker died or hangs.
             Err(e) if emitted.is_empty() => return Attempt::WorkerGone(e.to_string()),
-            Err(e) => return Attempt::DiedMidStream(e.to_string()),
+            Err(e) => return Attempt::DiedMidStream { message: e.to_string(), before_token: true },
         };
         if !*started {
             *started = true;
@@ -607,6 +613,7 @@ impl Pool {
                 return Attempt::CallerGone;
             }
         }
+        let mut tokens_here = 0usize;
         loop {
             let mid_stream = !emitted.is_empty();
             let event = match sub.next().await {
@@ -617,7 +624,11 @@ impl Pool {
                 }
                 None => {
                     let message = "the worker went away".to_string();
-                    return if mid_stream { Attempt::DiedMidStream(message) } else { Attempt::WorkerGone(message) };
+                    return if mid_stream {
+                        Attempt::DiedMidStream { message, before_token: tokens_here == 0 }
+                    } else {
+                        Attempt::WorkerGone(message)
+                    };
                 }
             };
             let (last, failed) = match &event {
@@ -632,6 +643,7 @@ impl Pool {
             }
             if let GenerateEvent::Token(t) = &event {
                 emitted.extend_from_slice(&t.token_ids);
+                tokens_here += t.token_ids.len();
             }
             if tx.send(Ok(PoolEvent::Event(event))).await.is_err() {
                 return Attempt::CallerGone;
