@@ -41,13 +41,13 @@ enum Scenario {
     Garbage,
 }
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(name = "mlx-serving-chaos", about = "Fault injection against a real mlx-serving server")]
 struct Args {
     scenario: Scenario,
-    /// Seconds of load under faults.
-    #[arg(long, default_value_t = 20)]
-    duration: u64,
+    /// Seconds of load under faults (default 20; 120 for soak).
+    #[arg(long)]
+    duration: Option<u64>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -67,6 +67,12 @@ struct Args {
 }
 
 const PROMPTS: usize = 8;
+
+impl Args {
+    fn duration(&self) -> u64 {
+        self.duration.unwrap_or(20)
+    }
+}
 
 struct Server {
     child: Child,
@@ -332,6 +338,8 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> Result<Value> {
+    let mut args = Args { duration: Some(args.duration.unwrap_or(if args.scenario == Scenario::Soak { 120 } else { 20 })), ..args.clone() };
+    let args = &mut args;
     match args.scenario {
         Scenario::Crashloop => return crashloop(args).await,
         Scenario::SupervisorKill => return supervisor_kill(args).await,
@@ -359,7 +367,7 @@ async fn run(args: &Args) -> Result<Value> {
     }
     let expected = Arc::new(expected);
     // A fault-free phase for the latency baseline.
-    let baseline_for = Duration::from_secs((args.duration / 3).clamp(3, 60));
+    let baseline_for = Duration::from_secs((args.duration() / 3).clamp(3, 60));
     let stop = Arc::new(AtomicBool::new(false));
     let phase = tokio::spawn({
         let stop = stop.clone();
@@ -377,7 +385,7 @@ async fn run(args: &Args) -> Result<Value> {
         let (stop, expected, http, clients, max_tokens) = (stop.clone(), expected.clone(), server.http, args.clients, args.max_tokens);
         tokio::spawn(async move { load(clients, max_tokens, http, expected, stop).await })
     };
-    let (faults, kills) = inject(args.scenario, &server, Duration::from_secs(args.duration), args.seed).await?;
+    let (faults, kills) = inject(args.scenario, &server, Duration::from_secs(args.duration()), args.seed).await?;
     stop.store(true, Relaxed);
     let mut chaos = loader.await?;
     // Let the pool heal, then read the figures.
@@ -416,7 +424,7 @@ async fn run(args: &Args) -> Result<Value> {
     chaos.errors.truncate(20);
     Ok(json!({
         "scenario": format!("{:?}", args.scenario).to_lowercase(),
-        "duration_s": args.duration,
+        "duration_s": args.duration(),
         "workers": args.workers,
         "clients": args.clients,
         "faults_injected": faults,
@@ -448,7 +456,7 @@ async fn run(args: &Args) -> Result<Value> {
 async fn crashloop(args: &Args) -> Result<Value> {
     let command = ["sh", "-c", "echo 'chaos: dying at boot' >&2; exit 7"].map(String::from).to_vec();
     let server = start(args, Some(command), 30_000)?;
-    let watch = Duration::from_secs(args.duration.clamp(5, 60));
+    let watch = Duration::from_secs(args.duration().clamp(5, 60));
     tokio::time::sleep(watch).await;
     let st = status(&server).await?;
     let health = client::get(server.http, "/health").await.unwrap_or(0);
