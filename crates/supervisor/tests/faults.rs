@@ -256,3 +256,41 @@ async fn a_poisonous_request_is_quarantined_and_the_pool_stays_healthy() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_cannot_be_resumed_ends_with_a_typed_error_at_once() {
+    use mlx_serving_protocol::GenerateEvent;
+    use mlx_serving_supervisor::PoolEvent;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // One worker, and a resume deadline shorter than its replacement takes.
+        let mut c = config(1);
+        c.pool.resume_timeout_ms = 50;
+        let pool = started(c).await;
+        let mut rx = pool.generate(request("lonely", "nowhere to go", 200));
+        let mut tokens = 0;
+        let mut killed_at = None;
+        let end = loop {
+            match rx.recv().await.expect("the stream ends with an event or an error") {
+                Ok(PoolEvent::Event(GenerateEvent::Token(_))) => {
+                    tokens += 1;
+                    if tokens == 5 {
+                        kill(Pid::from_raw(pid_of(&pool, 0)), Signal::SIGKILL).unwrap();
+                        killed_at = Some(std::time::Instant::now());
+                    }
+                }
+                Ok(PoolEvent::Event(GenerateEvent::Final(f))) => panic!("finished although its only worker died: {f:?}"),
+                Ok(PoolEvent::Started) => {}
+                Err(e) => break e,
+            }
+        };
+        let took = killed_at.expect("the worker was killed").elapsed();
+        assert!(matches!(end, PoolError::WorkerFailedMidStream { .. }), "{end:?}");
+        assert!(end.to_string().contains("could not be resumed"), "{end}");
+        // The deadline (50 ms) plus the retry backoff (at most 250 ms) plus slack for a busy machine.
+        assert!(took < Duration::from_millis(1000), "the typed error took {took:?}");
+        eprintln!("typed error {took:?} after the kill");
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
