@@ -92,7 +92,17 @@ async fn drain_prefetch_unload_and_idle_unload_show_in_status() {
 
         // Prefetch m2 on worker 1 only.
         let memory_of = |id: u64| pool.status().workers.iter().find(|w| w.id == id).and_then(|w| w.memory).map_or(0, |m| m.active);
-        let before = memory_of(1);
+        // A baseline from after the last request's memory is gone: two heartbeats 300 ms apart
+        // that agree.
+        let mut before = memory_of(1);
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = memory_of(1);
+            if now == before {
+                break;
+            }
+            before = now;
+        }
         assert_eq!(pool.prefetch("m2", Some(vec![1])).await.unwrap(), vec![1]);
         let models = |id: u64| -> Vec<String> {
             pool.status().workers.iter().find(|w| w.id == id).unwrap().models.iter().map(|m| m.name.clone()).collect()
