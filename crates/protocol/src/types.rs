@@ -142,6 +142,25 @@ pub struct GenerateRequest {
     pub resume_tokens: Vec<u32>,
 }
 
+impl GenerateRequest {
+    /// A request with every optional field at its default.
+    pub fn new(id: impl Into<String>, model: impl Into<String>, prompt: Prompt, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            id: id.into(),
+            model: model.into(),
+            prompt,
+            max_tokens,
+            sampling: Sampling::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: false,
+            top_logprobs: 0,
+            resume_tokens: Vec::new(),
+        }
+    }
+}
+
 /// One event of a `generate` stream. Every stream ends with exactly one `final` event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ConfigError;
 use crate::error::PoolError;
 use crate::pool::Pool;
-use crate::{Config, config};
+use crate::Config;
 
 /// Largest admin request body.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -239,10 +239,6 @@ where
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
-/// The admin section of the configuration.
-pub fn listen_of(config: &config::AdminConfig) -> Result<Listen, String> {
-    Listen::parse(&config.listen)
-}
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,7 @@ use crate::config::{Config, ms};
 use crate::error::PoolError;
 use crate::restart::{RestartPolicy, RestartTracker};
 use crate::retry::{RetryBudget, RetryConfig, retry_delay};
-use crate::route::{Candidate, pick};
+use crate::route::{Candidate, InFlight, pick};
 use crate::status::{PoolStatus, WorkerStatus};
 use crate::worker::slot::{Conn, LoadedModel, RequestEntry, Slot, SlotContext, WorkerState};
 
@@ -207,23 +207,30 @@ struct RequestGuard {
     key: String,
     model: String,
     changed: Arc<Notify>,
+    _inflight: InFlight,
 }
 
 impl RequestGuard {
     fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str, changed: &Arc<Notify>) -> RequestGuard {
-        slot.inflight.fetch_add(1, Relaxed);
+        let inflight = InFlight::new(slot.inflight.clone());
         let mut s = slot.lock();
         s.requests.insert(key.clone(), RequestEntry { model: model.to_string(), generation: conn.generation });
         if let Some(m) = s.models.get_mut(model) {
             m.last_used = Instant::now();
         }
-        RequestGuard { slot: slot.clone(), conn: conn.clone(), key, model: model.to_string(), changed: changed.clone() }
+        RequestGuard {
+            slot: slot.clone(),
+            conn: conn.clone(),
+            key,
+            model: model.to_string(),
+            changed: changed.clone(),
+            _inflight: inflight,
+        }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.slot.inflight.fetch_sub(1, Relaxed);
         let mut s = self.slot.lock();
         // If the worker died, the slot records the request in the crash record and drops it.
         if self.conn.client.is_connected() {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlx_serving_protocol::{FinalEvent, GenerateEvent, GenerateRequest, Prompt, Sampling};
+use mlx_serving_protocol::{FinalEvent, GenerateEvent, GenerateRequest, Prompt};
 use mlx_serving_supervisor::config::ModelConfig;
 use mlx_serving_supervisor::{Config, Pool, PoolError, PoolEvent};
 
@@ -49,19 +49,7 @@ pub async fn started(config: Config) -> Arc<Pool> {
 }
 
 pub fn request(id: &str, text: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        id: id.into(),
-        model: "m".into(),
-        prompt: Prompt::Text(text.into()),
-        max_tokens,
-        sampling: Sampling::default(),
-        stop: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: false,
-        top_logprobs: 0,
-        resume_tokens: vec![],
-    }
+    GenerateRequest { ignore_eos: true, ..GenerateRequest::new(id, "m", Prompt::Text(text.into()), max_tokens) }
 }
 
 /// What one request delivered.

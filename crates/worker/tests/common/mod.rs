@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jsonrpsee::core::client::{Client, ClientBuilder, Subscription};
 use mlx_serving_protocol::framing::{LineReader, PipeReceiver, PipeSender, write_line};
-use mlx_serving_protocol::{FinalEvent, GenerateEvent, GenerateRequest, Prompt, Sampling, WorkerRpcClient};
+use mlx_serving_protocol::{FinalEvent, GenerateEvent, GenerateRequest, Prompt, WorkerRpcClient};
 use serde_json::Value;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -61,19 +61,7 @@ pub async fn with_model(extra: &[&str]) -> Connected {
 }
 
 pub fn request(id: &str, prompt: Prompt, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        id: id.into(),
-        model: "m".into(),
-        prompt,
-        max_tokens,
-        sampling: Sampling::default(),
-        stop: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: false,
-        top_logprobs: 0,
-        resume_tokens: vec![],
-    }
+    GenerateRequest { ignore_eos: true, ..GenerateRequest::new(id, "m", prompt, max_tokens) }
 }
 
 /// What one stream delivered.
