@@ -11,7 +11,7 @@ cargo build --release --locked --quiet -p mlx-serving -p mlx-serving-worker -p m
 duration=${CHAOS_DURATION:-12}
 soak=${CHAOS_SOAK_DURATION:-40}
 failed=()
-for scenario in kill9 hang rolling garbage crashloop supervisor-kill soak; do
+for scenario in kill9 hang rolling garbage oom crashloop supervisor-kill soak; do
   d=$duration
   [ "$scenario" = soak ] && d=$soak
   echo "== chaos $scenario (${d} s)"

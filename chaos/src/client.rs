@@ -34,13 +34,18 @@ pub async fn get(port: u16, path: &str) -> Result<u16, String> {
 
 /// A greedy completion streamed with SSE; the tokens it delivered.
 pub async fn stream(port: u16, id: &str, prompt: &str, max_tokens: usize) -> Outcome {
+    stream_prompt(port, id, prompt.into(), max_tokens).await
+}
+
+/// The same with the prompt as the API takes it (a string or token ids).
+pub async fn stream_prompt(port: u16, id: &str, prompt: Value, max_tokens: usize) -> Outcome {
     match tokio::time::timeout(REQUEST_TIMEOUT, stream_inner(port, id, prompt, max_tokens)).await {
         Ok(o) => o,
         Err(_) => Outcome::Lost(format!("no end within {REQUEST_TIMEOUT:?}")),
     }
 }
 
-async fn stream_inner(port: u16, id: &str, prompt: &str, max_tokens: usize) -> Outcome {
+async fn stream_inner(port: u16, id: &str, prompt: Value, max_tokens: usize) -> Outcome {
     let body = json!({
         "model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
         "ignore_eos": true, "return_token_ids": true,

@@ -20,7 +20,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use client::{Outcome, stream};
+use client::{Outcome, stream, stream_prompt};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Scenario {
@@ -39,6 +39,10 @@ enum Scenario {
     /// Every worker writes a non-protocol line after 500 to 1500 tokens (through the fault-injecting
     /// proxy): each is killed and replaced, its streams resumed.
     Garbage,
+    /// Every worker runs under an address-space rlimit (`ulimit -v`); among the load, prompts whose
+    /// prefill needs more memory than that arrive every 1-2 s. Each must end with a typed error;
+    /// the other streams and the pool must not notice. Linux only (macOS does not enforce it).
+    Oom,
 }
 
 #[derive(Parser, Clone)]
@@ -240,6 +244,11 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
             Scenario::Kill9 | Scenario::Hang => rng.random_range(2000..4000),
             Scenario::Soak => rng.random_range(5000..30000),
             Scenario::Rolling => 500,
+            Scenario::Oom => {
+                // The oversized prompts are the faults; they run beside the load.
+                tokio::time::sleep(duration).await;
+                return Ok((0, kills));
+            }
             Scenario::Garbage => {
                 // The workers break by themselves; count what the supervisor saw.
                 let before = status(s).await?;
@@ -355,6 +364,10 @@ async fn run(args: &Args) -> Result<Value> {
             bin.with_file_name("mlx-serving-worker").display().to_string(),
         ]
     });
+    let command = match args.scenario {
+        Scenario::Oom => Some(oom_setup(args).await?),
+        _ => command,
+    };
     let server = start(args, command, 5000)?;
     wait_ready(&server, args.workers).await?;
     // Expected tokens from fault-free runs.
@@ -385,9 +398,17 @@ async fn run(args: &Args) -> Result<Value> {
         let (stop, expected, http, clients, max_tokens) = (stop.clone(), expected.clone(), server.http, args.clients, args.max_tokens);
         tokio::spawn(async move { load(clients, max_tokens, http, expected, stop).await })
     };
-    let (faults, kills) = inject(args.scenario, &server, Duration::from_secs(args.duration()), args.seed).await?;
+    let oversized = (args.scenario == Scenario::Oom).then(|| tokio::spawn(oversized_prompts(server.http, stop.clone(), args.seed)));
+    let (mut faults, kills) = inject(args.scenario, &server, Duration::from_secs(args.duration()), args.seed).await?;
     stop.store(true, Relaxed);
     let mut chaos = loader.await?;
+    let oversized = match oversized {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
+    if let Some(o) = &oversized {
+        faults = o.sent;
+    }
     // Let the pool heal, then read the figures.
     let healed = wait_ready(&server, args.workers).await.is_ok();
     let after = status(&server).await?;
@@ -413,6 +434,17 @@ async fn run(args: &Args) -> Result<Value> {
     }
     if args.scenario == Scenario::Garbage && faults == 0 {
         failures.push("no worker wrote garbage: the run tested nothing".into());
+    }
+    if let Some(o) = &oversized {
+        if o.sent == 0 {
+            failures.push("no oversized prompt was sent: the run tested nothing".into());
+        }
+        if o.completed > 0 {
+            failures.push(format!("{} oversized prompts completed: the memory limit was not reached, the run tested nothing", o.completed));
+        }
+        if o.lost > 0 {
+            failures.push(format!("{} oversized prompts were lost (no typed error)", o.lost));
+        }
     }
     let detection_p99 = percentile(&mut detection.clone(), 99.0);
     if detection_p99 > 50.0 && matches!(args.scenario, Scenario::Kill9 | Scenario::Soak) {
@@ -445,6 +477,13 @@ async fn run(args: &Args) -> Result<Value> {
         "moved": counter("moved_requests"),
         "retried": counter("retried_requests"),
         "resumed": counter("resumed_streams"),
+        "worker_restarts": after["workers"].as_array().into_iter().flatten().map(|w| w["restarts"].as_u64().unwrap_or(0)).sum::<u64>()
+            .saturating_sub(before["workers"].as_array().into_iter().flatten().map(|w| w["restarts"].as_u64().unwrap_or(0)).sum::<u64>()),
+        "oversized_prompts": oversized.as_ref().map(|o| json!({
+            "sent": o.sent, "typed_errors": o.typed_errors, "completed": o.completed, "lost": o.lost,
+            "error_latency_ms": {"p50": percentile(&mut o.latencies_ms.clone(), 50.0), "p99": percentile(&mut o.latencies_ms.clone(), 99.0)},
+            "errors_seen": o.messages,
+        })),
         "errors": chaos.errors,
         "failures": failures,
         "pass": failures.is_empty(),
@@ -499,4 +538,125 @@ async fn supervisor_kill(args: &Args) -> Result<Value> {
     let orphans: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     let pass = orphans.is_empty();
     Ok(json!({"scenario": "supervisor-kill", "workers": pids, "orphans_after_2s": orphans, "pass": pass}))
+}
+
+/// Prompt tokens of the oversized prompts.
+const OVERSIZED_TOKENS: usize = 16_000;
+/// Address space a worker may use beyond what it needed to start and serve a request.
+const OOM_HEADROOM_BYTES: u64 = 512 << 20;
+
+/// The oversized prompt `i`: token ids.
+fn oversized_prompt(i: u64) -> Vec<u32> {
+    (0..OVERSIZED_TOKENS).map(|t| 10 + ((t as u64 * 7919 + i * 104_729) % 490) as u32).collect()
+}
+
+/// The oom scenario's worker command: the real worker behind the fault proxy, both under
+/// `ulimit -v` set to what a probe worker needed plus a headroom. The proxy's
+/// `memory-per-request-byte` fault makes each request need memory in proportion to its size:
+/// an oversized prompt needs twice the limit, a normal one a few percent of it. (On the CPU the
+/// real worker bounds a prompt's memory with its KV budget and chunked prefill, and a prompt
+/// big enough to pass an rlimit anyway takes minutes to prefill.)
+async fn oom_setup(args: &Args) -> Result<Vec<String>> {
+    if !cfg!(target_os = "linux") {
+        bail!("the oom scenario needs Linux: other systems do not enforce an address-space rlimit");
+    }
+    let model = args.model.clone().unwrap_or_else(|| root().join("tests/fixtures/models/qwen3-bf16"));
+    let bin = args.bin.clone().unwrap_or_else(|| root().join("target/release/mlx-serving"));
+    let worker = bin.with_file_name("mlx-serving-worker").display().to_string();
+    let proxy = bin.with_file_name("mlx-serving-faultworker").display().to_string();
+    let limit = probe_peak_vm(&worker, &model).await? + OOM_HEADROOM_BYTES;
+    let big_line = serde_json::to_string(&oversized_prompt(0))?.len() as u64;
+    let per_byte = 2 * limit / big_line;
+    Ok(vec![
+        "sh".into(),
+        "-c".into(),
+        r#"ulimit -v "$0" && exec "$@""#.into(),
+        (limit >> 10).to_string(),
+        proxy,
+        "--fault".into(),
+        format!("memory-per-request-byte:{per_byte}"),
+        "--".into(),
+        worker,
+    ])
+}
+
+/// Peak virtual memory of a worker that loaded `model` and served one short request.
+async fn probe_peak_vm(worker: &str, model: &std::path::Path) -> Result<u64> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut child = tokio::process::Command::new(worker)
+        .arg("--model")
+        .arg(model)
+        .args(["--model-name", "m"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("probe pid")?;
+    let mut stdin = child.stdin.take().context("probe stdin")?;
+    let mut lines = BufReader::new(child.stdout.take().context("probe stdout")?).lines();
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {"request": {
+        "id": "probe", "model": "m", "prompt": {"text": prompt(0)}, "max_tokens": 8}}});
+    stdin.write_all(format!("{request}\n").as_bytes()).await?;
+    let done = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("\"type\":\"final\"") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("the probe worker ended before its request finished")
+    });
+    done.await.context("the probe worker did not finish its request")??;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmPeak in /proc/PID/status")?;
+    drop(stdin);
+    let _ = child.wait().await;
+    Ok(kib << 10)
+}
+
+/// What happened to the oversized prompts.
+#[derive(Default)]
+struct Oversized {
+    sent: u64,
+    typed_errors: u64,
+    completed: u64,
+    lost: u64,
+    latencies_ms: Vec<f64>,
+    messages: Vec<String>,
+}
+
+/// Sends an oversized prompt every 1-2 s until `stop`.
+async fn oversized_prompts(http: u16, stop: Arc<AtomicBool>, seed: u64) -> Oversized {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ 0x00f0);
+    let mut o = Oversized::default();
+    while !stop.load(Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..2000))).await;
+        if stop.load(Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        let outcome = stream_prompt(http, &format!("oversized-{}", o.sent), json!(oversized_prompt(o.sent)), 8).await;
+        o.sent += 1;
+        match outcome {
+            Outcome::TypedError(e) => {
+                o.typed_errors += 1;
+                o.latencies_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                let e: String = e.chars().take(300).collect();
+                if !o.messages.contains(&e) {
+                    o.messages.push(e);
+                }
+            }
+            Outcome::Ok(_) => o.completed += 1,
+            Outcome::Lost(e) => {
+                o.lost += 1;
+                o.messages.push(format!("LOST: {e}"));
+            }
+        }
+    }
+    o
 }

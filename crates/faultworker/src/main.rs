@@ -12,7 +12,14 @@
 //!   their progress counters frozen and a sequence active;
 //! - `garbage-at-token:N`: after N token events, one line that is not JSON;
 //! - `oversized-at-token:N`: after N token events, one 8 MiB line;
-//! - `poison:TEXT`: abort as soon as a request whose line contains TEXT arrives.
+//! - `poison:TEXT`: abort as soon as a request whose line contains TEXT arrives;
+//! - `leak-per-token:BYTES`: every token event leaks BYTES of touched memory in this process
+//!   (which, to the supervisor, is the worker), and heartbeats report the worker's RSS plus what
+//!   leaked. Under a memory rlimit the process eventually dies of an allocation failure;
+//! - `memory-per-request-byte:K`: each generate request needs K bytes of touched memory per byte
+//!   of its line while it is passed on, so under a memory rlimit a large enough prompt kills the
+//!   process with an allocation failure (the way a worker dies that runs out of memory), while
+//!   small ones pass.
 use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
@@ -41,6 +48,8 @@ enum Fault {
     Garbage(usize),
     Oversized(usize),
     Poison(String),
+    Leak(usize),
+    MemoryPerRequestByte(usize),
 }
 
 fn parse(s: &str) -> Result<Fault> {
@@ -64,6 +73,8 @@ fn parse(s: &str) -> Result<Fault> {
         "garbage-at-token" => Fault::Garbage(n()?),
         "oversized-at-token" => Fault::Oversized(n()?),
         "poison" => Fault::Poison(arg.to_string()),
+        "leak-per-token" => Fault::Leak(n()?),
+        "memory-per-request-byte" => Fault::MemoryPerRequestByte(n()?),
         other => bail!("unknown fault `{other}`"),
     })
 }
@@ -83,6 +94,10 @@ async fn main() -> Result<()> {
         Fault::Poison(text) => Some(text.clone()),
         _ => None,
     };
+    let per_request_byte = match fault {
+        Fault::MemoryPerRequestByte(k) => k,
+        _ => 0,
+    };
     let inbound = tokio::spawn(async move {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -90,6 +105,10 @@ async fn main() -> Result<()> {
                 let _ = kill(pid, Signal::SIGKILL);
                 std::process::abort();
             }
+            // Held (and filled, so resident) until the request is passed on.
+            let needs = (per_request_byte > 0 && line.contains("\"method\":\"generate\""))
+                .then(|| vec![1u8; per_request_byte.saturating_mul(line.len())]);
+            std::hint::black_box(&needs);
             if child_in.write_all(line.as_bytes()).await.is_err() || child_in.write_all(b"\n").await.is_err() {
                 break;
             }
@@ -102,7 +121,11 @@ async fn main() -> Result<()> {
     let mut out = tokio::io::stdout();
     let mut lines = BufReader::new(child_out).lines();
     let (mut tokens, mut stalled_progress): (usize, Option<String>) = (0, None);
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut leaked: Vec<Vec<u8>> = Vec::new();
+    while let Ok(Some(mut line)) = lines.next_line().await {
+        if matches!(fault, Fault::Leak(_)) && line.contains("\"method\":\"heartbeat\"") {
+            line = add_rss(&line, leaked.iter().map(Vec::len).sum());
+        }
         let is_token = line.contains("\"generate_event\"") && line.contains("\"type\":\"token\"");
         if let Some(frozen) = &mut stalled_progress {
             if line.contains("\"generate_event\"") {
@@ -136,6 +159,8 @@ async fn main() -> Result<()> {
             Fault::Stall(n) if tokens == *n => stalled_progress = Some(String::new()),
             Fault::Garbage(n) if tokens == *n => write(&mut out, "this is not a protocol line").await,
             Fault::Oversized(n) if tokens == *n => write(&mut out, &"x".repeat(8 << 20)).await,
+            // Filled, so the pages are resident; kept, so they are never freed.
+            Fault::Leak(bytes) => leaked.push(vec![1u8; *bytes]),
             _ => {}
         }
     }
@@ -153,6 +178,17 @@ fn freeze(line: &str, frozen: &mut String) -> String {
         *frozen = current.to_string();
     }
     line.replace(current, frozen)
+}
+
+/// The heartbeat line with `extra` bytes added to the worker's reported RSS.
+fn add_rss(line: &str, extra: usize) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else { return line.to_string() };
+    if let Some(rss) = v.pointer_mut("/params/memory/rss")
+        && let Some(n) = rss.as_u64()
+    {
+        *rss = (n + extra as u64).into();
+    }
+    v.to_string()
 }
 
 async fn write(out: &mut tokio::io::Stdout, line: &str) {

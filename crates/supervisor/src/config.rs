@@ -105,6 +105,10 @@ pub struct PoolConfig {
     /// Bytes of model weights one worker may hold; the least recently used idle model is unloaded
     /// to make room. 0 is no limit.
     pub memory_budget_bytes: u64,
+    /// A worker whose resident memory (from its heartbeats) exceeds this is recycled: it stops
+    /// taking requests, finishes the ones it has (up to the drain deadline) and is restarted.
+    /// Restarts for memory count as failures for the restart backoff. 0 is no limit.
+    pub max_worker_rss_bytes: u64,
     /// How long a request waits for a worker that can take it before it fails.
     pub queue_timeout_ms: u64,
     /// How long a stream whose worker died waits for another worker to resume it.
@@ -133,6 +137,7 @@ impl Default for PoolConfig {
             stop_grace_ms: 2000,
             drain_deadline_ms: 30_000,
             memory_budget_bytes: 0,
+            max_worker_rss_bytes: 0,
             queue_timeout_ms: 30_000,
             resume_timeout_ms: 10_000,
             seed: None,

@@ -105,6 +105,8 @@ pub fn reason_class(reason: &str) -> &'static str {
         "hung"
     } else if reason.starts_with("spawn") {
         "spawn"
+    } else if reason.starts_with("memory") {
+        "memory"
     } else {
         "start"
     }

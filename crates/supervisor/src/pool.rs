@@ -208,11 +208,13 @@ struct RequestGuard {
     model: String,
     changed: Arc<Notify>,
     _inflight: InFlight,
+    _suspect: Option<InFlight>,
 }
 
 impl RequestGuard {
-    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str, changed: &Arc<Notify>) -> RequestGuard {
+    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str, suspect: bool, changed: &Arc<Notify>) -> RequestGuard {
         let inflight = InFlight::new(slot.inflight.clone());
+        let suspect = suspect.then(|| InFlight::new(slot.suspects.clone()));
         let mut s = slot.lock();
         s.requests.insert(key.clone(), RequestEntry { model: model.to_string(), generation: conn.generation });
         if let Some(m) = s.models.get_mut(model) {
@@ -225,6 +227,7 @@ impl RequestGuard {
             model: model.to_string(),
             changed: changed.clone(),
             _inflight: inflight,
+            _suspect: suspect,
         }
     }
 }
@@ -389,7 +392,8 @@ impl Pool {
             attempts += 1;
             let wait = resuming.then_some(resume_wait);
             let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
-            let (slot, conn, guard) = match self.choose(&request.model, &key, &exclude, priority, wait).await {
+            let suspect = deaths > 0;
+            let (slot, conn, guard) = match self.choose(&request.model, &key, &exclude, priority, wait, suspect).await {
                 Ok(choice) => choice,
                 Err(e) if resuming => {
                     let message = format!("the stream could not be resumed: {e}");
@@ -697,6 +701,7 @@ impl Pool {
         exclude: &HashSet<(u64, u64)>,
         priority: Priority,
         wait: Option<Duration>,
+        suspect: bool,
     ) -> Result<(Arc<Slot>, Arc<Conn>, RequestGuard), PoolError> {
         let waited = wait.unwrap_or_else(|| ms(self.config().pool.queue_timeout_ms));
         let deadline = Instant::now() + waited;
@@ -708,10 +713,10 @@ impl Pool {
                 return Err(PoolError::ShuttingDown);
             }
             if ticket.is_first() {
-                match self.pick_worker(model, exclude) {
+                match self.pick_worker(model, exclude, suspect) {
                     Pick::Chosen(slot, conn) => {
                         // Counted against the worker before the next in line looks.
-                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, &self.changed);
+                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, suspect, &self.changed);
                         return Ok((slot, conn, guard));
                     }
                     Pick::NotLoaded(slot) => match self.load_on(&slot, model).await {
@@ -728,8 +733,9 @@ impl Pool {
         }
     }
 
-    /// The least busy eligible worker with the model loaded and room for one more request.
-    fn pick_worker(&self, model: &str, exclude: &HashSet<(u64, u64)>) -> Pick {
+    /// The least busy eligible worker with the model loaded and room for one more request (for
+    /// a suspect, one with no other suspect on it).
+    fn pick_worker(&self, model: &str, exclude: &HashSet<(u64, u64)>, suspect: bool) -> Pick {
         let now = Instant::now();
         let cap_override = self.config().pool.max_in_flight_per_worker;
         let (mut eligible, mut full, mut without) = (Vec::new(), false, Vec::new());
@@ -750,7 +756,7 @@ impl Pool {
                 continue;
             }
             let capacity = if cap_override > 0 { cap_override } else { s.capacity };
-            if inflight >= capacity {
+            if inflight >= capacity || (suspect && slot.suspects.load(Relaxed) > 0) {
                 full = true;
                 continue;
             }

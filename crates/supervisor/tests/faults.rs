@@ -294,3 +294,39 @@ async fn a_stream_that_cannot_be_resumed_ends_with_a_typed_error_at_once() {
     .await
     .expect("test timed out");
 }
+
+/// A worker that leaks memory (4 MiB per token) goes over `max_worker_rss_bytes`: it finishes
+/// the stream it has, is restarted, and the pool serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_over_its_memory_limit_is_recycled_after_finishing_its_streams() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let reference = started(config(1)).await;
+        let expected = collect(&reference, request("ref", "Memory grows", 100)).await.tokens;
+        let rss = reference.status().workers[0].memory.as_ref().map_or(0, |m| m.rss);
+        reference.shutdown(Duration::from_secs(5)).await;
+        assert!(rss > 0, "the worker reports its resident memory");
+
+        let mut c = config(1);
+        // 100 tokens leak 400 MiB: far past the limit, which a healthy worker never reaches.
+        c.pool.max_worker_rss_bytes = rss + (200 << 20);
+        let proxy = worker_bin().with_file_name("mlx-serving-faultworker");
+        c.pool.worker_command = vec![proxy.display().to_string(), "--fault".into(), "leak-per-token:4194304".into(), "--".into(), worker_bin().display().to_string()];
+        let pool = started(c).await;
+        let first_pid = pid_of(&pool, 0);
+        let got = collect(&pool, request("leaky", "Memory grows", 100)).await;
+        assert!(got.last.is_ok(), "{:?}", got.last);
+        assert_eq!(got.tokens, expected, "the stream in flight finished unbroken");
+        assert!(
+            eventually(Duration::from_secs(30), || pool.status().workers[0].last_crash.as_ref().is_some_and(|c| c.reason.starts_with("memory:"))).await,
+            "no memory recycle recorded: {:?}",
+            pool.status().workers[0].last_crash
+        );
+        assert!(pool.wait_ready(1, Duration::from_secs(30)).await, "not restarted");
+        assert_ne!(pid_of(&pool, 0), first_pid, "the same process is still serving");
+        let after = collect(&pool, request("after", "Memory grows", 8)).await;
+        assert_eq!(after.tokens, expected[..8], "{:?}", after.last);
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -111,6 +111,10 @@ pub struct Slot {
     pub id: u64,
     /// Requests counted against this slot until their streams end.
     pub inflight: Arc<AtomicUsize>,
+    /// Of those, requests that were on a worker when it died before they got a token: each
+    /// worker takes at most one at a time, so a poisonous request and its innocent fellow
+    /// passengers part ways, and only the poisonous one takes down a second worker.
+    pub suspects: Arc<AtomicUsize>,
     inner: Mutex<SlotInner>,
     commands: mpsc::UnboundedSender<SlotCommand>,
 }
@@ -135,6 +139,7 @@ impl Slot {
         let slot = Arc::new(Slot {
             id,
             inflight: Arc::new(AtomicUsize::new(0)),
+            suspects: Arc::new(AtomicUsize::new(0)),
             inner: Mutex::new(SlotInner {
                 state: WorkerState::Starting,
                 conn: None,
@@ -187,6 +192,8 @@ enum Ended {
     /// Handshake or model loads failed (often because the process is exiting).
     StartFailed(String),
     Hung(String),
+    /// Resident memory over the limit: stopped gracefully, restarted with backoff.
+    OverMemory(String),
     Disconnected,
     Command(SlotCommand),
 }
@@ -366,7 +373,15 @@ async fn watch(
                         progress = Some(hb.progress);
                         progress_at = now;
                     }
+                    let rss = hb.memory.rss;
                     slot.lock().heartbeat = Some(hb);
+                    if p.max_worker_rss_bytes > 0 && rss > p.max_worker_rss_bytes {
+                        return Ended::OverMemory(format!(
+                            "memory: resident {} MiB over the limit of {} MiB; recycled",
+                            rss >> 20,
+                            p.max_worker_rss_bytes >> 20
+                        ));
+                    }
                 }
                 Some(Err(e)) => tracing::warn!(worker = slot.id, "unreadable heartbeat: {e}"),
                 None => return Ended::Disconnected,
@@ -446,6 +461,12 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
         Ended::Hung(reason) => {
             process::signal_group(proc.pid, Signal::SIGKILL);
             let _ = proc.child.wait().await;
+            reason
+        }
+        Ended::OverMemory(reason) => {
+            tracing::warn!(worker = slot.id, pid = proc.pid, %reason, "recycling worker");
+            slot.set_state(ctx, WorkerState::Stopping);
+            stop_process(proc, config, true).await;
             reason
         }
         Ended::Command(command) => {
