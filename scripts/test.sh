@@ -15,4 +15,9 @@ if ! cmp -s "$root/tests/api/requirements.txt" "$stamp"; then
   cp "$root/tests/api/requirements.txt" "$stamp"
 fi
 "$root/.venv/bin/python" -m pytest "$root/tests/api" -q -p no:cacheprovider 2>&1
+# The protocol conformance suite against the Rust and the Python worker, and the Python worker's
+# own tests.
+bash "$root/tests/conformance/run.sh" 2>&1
+# Two supervisors behind HAProxy (installed from Debian's packages when missing).
+bash "$root/tests/scaling/run.sh" 2>&1
 bash "$root/chaos/run.sh" 2>&1
