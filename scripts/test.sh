@@ -18,6 +18,8 @@ fi
 # The protocol conformance suite against the Rust and the Python worker, and the Python worker's
 # own tests.
 bash "$root/tests/conformance/run.sh" 2>&1
+# The systemd unit and the launchd plist (systemd-analyze, strace from Debian's packages).
+bash "$root/tests/service/run.sh" 2>&1
 # Two supervisors behind HAProxy (installed from Debian's packages when missing).
 bash "$root/tests/scaling/run.sh" 2>&1
 bash "$root/chaos/run.sh" 2>&1

@@ -31,3 +31,6 @@ echo "== conformance: Rust worker ($rust_worker)"
 WORKER_CMD="[\"$rust_worker\"]" "$py" -m pytest "$root/tests/conformance" -q -p no:cacheprovider 2>&1
 echo "== conformance: Python worker"
 WORKER_CMD="[\"$venv/bin/mlx-serving-pyworker\"]" "$py" -m pytest "$root/tests/conformance" -q -p no:cacheprovider 2>&1
+echo "== mixed pool: 2 Rust workers and 1 Python worker behind one supervisor"
+MLX_SERVING_BIN="$root/target/release/mlx-serving" PYWORKER="$venv/bin/mlx-serving-pyworker" \
+  "$py" -m pytest "$root/tests/mixed" -q -p no:cacheprovider 2>&1

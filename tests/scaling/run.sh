@@ -56,10 +56,10 @@ print(*(s.getsockname()[1] for s in socks))')
 
 # The example configuration with the model path made absolute (it is relative to the file);
 # addresses and the worker count are set on the command line.
-model_dir=$(sed -n 's/^path = "\([^"]*\)".*/\1/p' "$root/config/mlx-serving.example.toml" | head -n 1)
-[ -n "$model_dir" ] || fail "no model path in config/mlx-serving.example.toml"
+model_dir=$(sed -n 's/^path = "\([^"]*\)".*/\1/p' "$root/config/mlx-serving.toml" | head -n 1)
+[ -n "$model_dir" ] || fail "no model path in config/mlx-serving.toml"
 model_dir=$(cd "$root/config" && cd "$model_dir" && pwd) || fail "the example's model directory is missing"
-sed "s|^path = \"[^\"]*\"|path = \"$model_dir\"|" "$root/config/mlx-serving.example.toml" > "$tmp/mlx-serving.toml"
+sed "s|^path = \"[^\"]*\"|path = \"$model_dir\"|" "$root/config/mlx-serving.toml" > "$tmp/mlx-serving.toml"
 grep -q "^path = \"$model_dir\"" "$tmp/mlx-serving.toml" || fail "could not rewrite the model path"
 
 declare -A sup_pid

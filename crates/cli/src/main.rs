@@ -1,5 +1,6 @@
 //! `mlx-serving`: the command-line entry.
 mod admin;
+mod config;
 mod generate;
 mod serve;
 
@@ -20,6 +21,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Call the admin API of a running supervisor.
     Admin(admin::AdminArgs),
+    /// Check a configuration file, or print its JSON Schema.
+    Config(config::ConfigArgs),
 }
 
 fn main() {
@@ -27,6 +30,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Config(args) => config::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

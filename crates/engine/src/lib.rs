@@ -32,6 +32,8 @@ pub struct Model {
     pub transformer: Transformer,
     pub tokenizer: Tokenizer,
     pub dir: PathBuf,
+    /// A context below the model's own, set by the operator.
+    context_cap: Option<usize>,
 }
 
 impl Model {
@@ -45,12 +47,19 @@ impl Model {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let mut weights = weights::Weights::load(dir)?;
         let transformer = Transformer::load(config, spec, &mut weights)?;
-        Ok(Model { transformer, tokenizer, dir: dir.to_path_buf() })
+        Ok(Model { transformer, tokenizer, dir: dir.to_path_buf(), context_cap: None })
     }
 
-    /// The most tokens (prompt plus output) one sequence may hold.
+    /// The most tokens (prompt plus output) one sequence may hold: the model's context, or the
+    /// cap when that is lower.
     pub fn context_length(&self) -> usize {
-        self.transformer.spec.max_position_embeddings.map_or(DEFAULT_CONTEXT_LENGTH, |n| n.max(1) as usize)
+        let own = self.transformer.spec.max_position_embeddings.map_or(DEFAULT_CONTEXT_LENGTH, |n| n.max(1) as usize);
+        self.context_cap.map_or(own, |cap| own.min(cap.max(1)))
+    }
+
+    /// Caps the context below the model's own (`None`: the model's own).
+    pub fn set_context_cap(&mut self, cap: Option<usize>) {
+        self.context_cap = cap;
     }
 
     /// Bytes of weights on the device.

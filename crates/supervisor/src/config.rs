@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -15,9 +16,13 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Directories models must lie in. Every model path is made canonical (links and `..`
+    /// resolved) and must be inside one of them; relative roots are relative to the
+    /// configuration file. Empty: any path.
+    pub model_roots: Vec<PathBuf>,
     pub pool: PoolConfig,
     /// Models the pool may serve. Requests name them by `name`.
     pub models: Vec<ModelConfig>,
@@ -26,9 +31,41 @@ pub struct Config {
     pub retry: RetrySettings,
     pub admin: AdminConfig,
     pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub logging: LoggingConfig,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `/metrics` on the HTTP listener.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A tracing filter: `info`, `debug`, `warn,mlx_serving_supervisor=debug`. `RUST_LOG`, when
+    /// set, takes precedence.
+    pub level: String,
+    /// JSON lines instead of text (both to stderr). Worker stderr lines are logged with the
+    /// worker's id.
+    pub json: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { level: "info".into(), json: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `HOST:PORT` of the OpenAI-compatible API.
@@ -39,6 +76,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// `max_tokens` when the request gives none.
     pub default_max_tokens: usize,
+    /// Largest `max_tokens` a request may ask for; beyond it 400. 0: only the context bounds it.
+    pub max_tokens: usize,
     /// The model `/ready` checks; the first configured model when absent.
     pub default_model: Option<String>,
     /// `/ready` answers 200 when at least this many workers are ready with the default model.
@@ -58,6 +97,7 @@ impl Default for HttpConfig {
             api_keys: Vec::new(),
             max_body_bytes: 1 << 20,
             default_max_tokens: 512,
+            max_tokens: 0,
             default_model: None,
             min_ready_workers: 1,
             sse_keep_alive_s: 15,
@@ -67,7 +107,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `HOST:PORT` or `unix:PATH`. A non-loopback address needs `token`.
@@ -82,14 +122,29 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Worker processes kept running.
     pub workers: usize,
     /// The worker program and its arguments; the `mlx-serving-worker` beside the supervisor's
-    /// executable when empty.
+    /// executable when empty. The supervisor appends `--heartbeat-ms`, `--max-line-bytes`,
+    /// `--device` and, when set, `--max-context-tokens`.
     pub worker_command: Vec<String>,
+    /// MLX device of the workers: `auto` (the GPU where MLX has one), `gpu` or `cpu`.
+    pub device: String,
+    /// Models these workers serve; every configured model when empty.
+    pub models: Vec<String>,
+    /// Further groups of workers, each with its own command (another worker program, such as
+    /// the Python worker) and the models it serves.
+    pub groups: Vec<WorkerGroup>,
+    /// Longest protocol line, in bytes, either way between the supervisor and a worker. A
+    /// worker that writes a longer one is killed and replaced.
+    pub max_line_bytes: usize,
+    /// Context of every model, in tokens (prompt plus `max_tokens`), when below the model's own;
+    /// longer requests get 400. 0: each model's own context. Passed to workers as
+    /// `--max-context-tokens`.
+    pub max_context_tokens: usize,
     /// Milliseconds between a worker's heartbeats.
     pub heartbeat_interval_ms: u64,
     /// A worker with no heartbeat for this long is hung: killed and replaced.
@@ -130,6 +185,11 @@ impl Default for PoolConfig {
         PoolConfig {
             workers: 2,
             worker_command: Vec::new(),
+            device: "auto".into(),
+            models: Vec::new(),
+            groups: Vec::new(),
+            max_line_bytes: mlx_serving_protocol::framing::DEFAULT_MAX_LINE_BYTES,
+            max_context_tokens: 0,
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 5000,
             stall_timeout_ms: 5000,
@@ -148,7 +208,25 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A group of workers beside the main pool (`[[pool.groups]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerGroup {
+    /// Shown in status and logs.
+    pub name: String,
+    /// Worker processes of this group.
+    pub workers: usize,
+    /// The worker program and its arguments (the same flags are appended as for the pool).
+    pub worker_command: Vec<String>,
+    /// Models the group serves; every configured model when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// MLX device; `pool.device` when absent.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name requests use.
@@ -162,13 +240,17 @@ pub struct ModelConfig {
     /// Unload from a worker after this many seconds without requests; 0 never.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
+    /// Loaded on every worker that serves it and never unloaded: not when idle, not to make
+    /// room under `pool.memory_budget_bytes` (implies `preload`).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 fn default_keep_alive() -> u64 {
     300
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerSettings {
     /// Consecutive failures that open a worker's circuit.
@@ -184,7 +266,7 @@ impl Default for BreakerSettings {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RestartSettings {
     /// First restart delay; it doubles (with jitter) up to `max_delay_ms`.
@@ -201,7 +283,7 @@ impl Default for RestartSettings {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySettings {
     /// Retries in progress may be this share of active requests...
@@ -227,21 +309,87 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
-        // Relative model paths are relative to the configuration file.
-        let base = path.parent().unwrap_or(Path::new("."));
-        for m in &mut config.models {
-            if m.path.is_relative() {
-                m.path = base.join(&m.path);
-            }
-        }
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes model paths and roots absolute (relative ones are relative to `base`, the
+    /// configuration file's directory) and canonical, and checks that every model lies under a
+    /// root. A model directory must exist when roots are set; otherwise a missing one is left
+    /// as written and fails when a worker loads it.
+    pub fn resolve_paths(&mut self, base: &Path) -> Result<(), ConfigError> {
+        let absolute = |p: &Path| if p.is_relative() { base.join(p) } else { p.to_path_buf() };
+        let mut roots = Vec::new();
+        for (i, root) in self.model_roots.iter().enumerate() {
+            let r = absolute(root);
+            let canonical = r
+                .canonicalize()
+                .map_err(|e| ConfigError::Invalid(format!("`model_roots[{i}]` = `{}`: {e}", r.display())))?;
+            roots.push(canonical);
+        }
+        for m in &mut self.models {
+            let p = absolute(&m.path);
+            match p.canonicalize() {
+                Ok(canonical) => m.path = canonical,
+                Err(e) if !roots.is_empty() => {
+                    return Err(ConfigError::Invalid(format!("model `{}`: path `{}`: {e}", m.name, p.display())));
+                }
+                Err(_) => m.path = p,
+            }
+            if !roots.is_empty() && !roots.iter().any(|r| m.path.starts_with(r)) {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}`: path `{}` is outside the model roots ({})",
+                    m.name,
+                    m.path.display(),
+                    roots.iter().map(|r| format!("`{}`", r.display())).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        self.model_roots = roots;
+        Ok(())
     }
 
     /// Checks what types alone cannot: ranges and uniqueness.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let p = &self.pool;
+        let workers = p.workers + p.groups.iter().map(|g| g.workers).sum::<usize>();
+        if workers == 0 {
+            return bad("`pool.workers` must be at least 1 (or a group in `pool.groups` must have workers)".into());
+        }
+        let devices = ["auto", "gpu", "cpu"];
+        for (key, device) in std::iter::once(("pool.device".to_string(), Some(&p.device)))
+            .chain(p.groups.iter().enumerate().map(|(i, g)| (format!("pool.groups[{i}].device"), g.device.as_ref())))
+        {
+            if let Some(d) = device
+                && !devices.contains(&d.as_str())
+            {
+                return bad(format!("`{key}` must be one of auto, gpu, cpu; got `{d}`"));
+            }
+        }
+        if p.max_line_bytes < 4096 {
+            return bad(format!("`pool.max_line_bytes` must be at least 4096, got {}", p.max_line_bytes));
+        }
+        let mut group_names = std::collections::BTreeSet::new();
+        for (i, g) in p.groups.iter().enumerate() {
+            if g.name.is_empty() || !group_names.insert(&g.name) {
+                return bad(format!("`pool.groups[{i}].name` must be present and unique, got `{}`", g.name));
+            }
+            if g.worker_command.is_empty() {
+                return bad(format!("`pool.groups[{i}].worker_command` is empty"));
+            }
+        }
+        let model_lists = std::iter::once(("pool.models".to_string(), &p.models))
+            .chain(p.groups.iter().enumerate().map(|(i, g)| (format!("pool.groups[{i}].models"), &g.models)));
+        for (key, list) in model_lists {
+            if let Some(unknown) = list.iter().find(|m| self.model(m).is_none()) {
+                return bad(format!("`{key}` names `{unknown}`, which is not a configured model"));
+            }
+        }
+        if self.logging.level.trim().is_empty() {
+            return bad("`logging.level` is empty".into());
+        }
         if p.heartbeat_interval_ms == 0 || p.heartbeat_timeout_ms <= p.heartbeat_interval_ms {
             return bad(format!(
                 "`pool.heartbeat_timeout_ms` ({}) must exceed `pool.heartbeat_interval_ms` ({}), which must be positive",
@@ -276,7 +424,45 @@ impl Config {
         self.models.iter().find(|m| m.name == name)
     }
 
-    /// The worker program and its arguments.
+    /// A group by name (`None`: the main pool's workers).
+    pub fn group(&self, name: Option<&str>) -> Option<&WorkerGroup> {
+        name.and_then(|n| self.pool.groups.iter().find(|g| g.name == n))
+    }
+
+    /// Whether workers of `group` serve `model`.
+    pub fn serves(&self, group: Option<&str>, model: &str) -> bool {
+        let list = match group {
+            None => &self.pool.models,
+            Some(_) => match self.group(group) {
+                Some(g) => &g.models,
+                None => return false,
+            },
+        };
+        list.is_empty() || list.iter().any(|m| m == model)
+    }
+
+    /// The command that starts a worker of `group`: its program and arguments, then the flags
+    /// the supervisor sets.
+    pub fn worker_command_for(&self, group: Option<&str>) -> Vec<String> {
+        let (mut command, device) = match self.group(group) {
+            Some(g) => (g.worker_command.clone(), g.device.clone().unwrap_or_else(|| self.pool.device.clone())),
+            None => (self.worker_command(), self.pool.device.clone()),
+        };
+        command.extend([
+            "--heartbeat-ms".to_string(),
+            self.pool.heartbeat_interval_ms.to_string(),
+            "--max-line-bytes".to_string(),
+            self.pool.max_line_bytes.to_string(),
+            "--device".to_string(),
+            device,
+        ]);
+        if self.pool.max_context_tokens > 0 {
+            command.extend(["--max-context-tokens".to_string(), self.pool.max_context_tokens.to_string()]);
+        }
+        command
+    }
+
+    /// The main pool's worker program and its arguments.
     pub fn worker_command(&self) -> Vec<String> {
         if !self.pool.worker_command.is_empty() {
             return self.pool.worker_command.clone();
@@ -309,21 +495,133 @@ mod tests {
         c.validate().unwrap();
     }
 
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
     #[test]
-    fn the_example_configuration_parses_and_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/mlx-serving.example.toml");
-        let c = Config::load(&path).unwrap();
+    fn the_documented_configuration_parses_and_is_valid() {
+        let c = Config::load(&repo().join("config/mlx-serving.toml")).unwrap();
         assert_eq!(c.models[0].name, "tiny");
         assert!(c.models[0].path.join("config.json").exists(), "{}", c.models[0].path.display());
         assert_eq!(c.pool.max_queue_per_model, 256);
     }
 
+    /// Every key of the schema, as `section.key` paths (`models[].name`).
+    fn schema_keys() -> Vec<String> {
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap();
+        let defs = schema["$defs"].clone();
+        fn walk(v: &serde_json::Value, defs: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+            let resolve = |v: &serde_json::Value| -> serde_json::Value {
+                match v.get("$ref").and_then(|r| r.as_str()) {
+                    Some(r) => defs[r.trim_start_matches("#/$defs/")].clone(),
+                    None => v.clone(),
+                }
+            };
+            let v = resolve(v);
+            let Some(props) = v.get("properties").and_then(|p| p.as_object()) else { return };
+            for (k, sub) in props {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                out.push(path.clone());
+                let sub = resolve(sub);
+                walk(&sub, defs, &path, out);
+                if let Some(items) = sub.get("items") {
+                    walk(items, defs, &format!("{path}[]"), out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&schema, &defs, "", &mut out);
+        out
+    }
+
     #[test]
-    fn duplicate_models_are_refused() {
-        let c: Config = toml::from_str(
-            "[[models]]\nname = \"a\"\npath = \"/x\"\n[[models]]\nname = \"a\"\npath = \"/y\"\n",
-        )
-        .unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("`a` is declared twice"));
+    fn every_key_is_in_the_documented_file_and_the_reference() {
+        let file = std::fs::read_to_string(repo().join("config/mlx-serving.toml")).unwrap();
+        let reference = std::fs::read_to_string(repo().join("docs/configuration.md")).unwrap();
+        let keys = schema_keys();
+        assert!(keys.len() > 50, "{keys:?}");
+        for key in keys {
+            let leaf = key.rsplit(['.', ']']).next().unwrap();
+            // `key =` (set or commented out) or a table header naming it.
+            let in_file = file.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.starts_with(&format!("{leaf} "))
+                    || l.starts_with(&format!("{leaf}="))
+                    || l.contains(&format!(".{leaf}]"))
+                    || l.contains(&format!("[{leaf}]"))
+            });
+            assert!(in_file, "`{key}` is missing from config/mlx-serving.toml");
+            assert!(reference.contains(&format!("`{key}`")), "`{key}` is missing from docs/configuration.md");
+        }
+    }
+
+    #[test]
+    fn every_documented_key_round_trips() {
+        let c = Config::load(&repo().join("config/mlx-serving.toml")).unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let again: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c, again);
+        // The documented values are the defaults, but for the model and its root.
+        let defaults = Config { models: c.models.clone(), model_roots: c.model_roots.clone(), ..Config::default() };
+        assert_eq!(c, defaults, "config/mlx-serving.toml and the defaults differ");
+        // A file with every optional field set (groups, seed, token) round-trips too.
+        let mut full = c.clone();
+        full.pool.seed = Some(7);
+        full.admin.token = Some("t".into());
+        full.http.default_model = Some("tiny".into());
+        full.pool.groups.push(WorkerGroup {
+            name: "python".into(),
+            workers: 1,
+            worker_command: vec!["pyworker".into()],
+            models: vec!["tiny".into()],
+            device: Some("cpu".into()),
+        });
+        let again: Config = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
+        assert_eq!(full, again);
+        again.validate().unwrap();
+    }
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mlx-serving-config-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let r = Config::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn bad_files_get_errors_that_name_the_problem_and_the_file() {
+        let e = load_text("[pool]\nworkers = 2\nheartbeat_intervall_ms = 5\n").unwrap_err().to_string();
+        assert!(e.contains("heartbeat_intervall_ms") && e.contains("c.toml"), "{e}");
+        let e = load_text("[http]\nmax_body_bytes = \"big\"\n").unwrap_err().to_string();
+        assert!(e.contains("max_body_bytes") && e.contains("c.toml") && e.contains("invalid type"), "{e}");
+        let e = load_text("[pool]\nworkers = 0\n").unwrap_err().to_string();
+        assert!(e.contains("`pool.workers` must be at least 1"), "{e}");
+        let e = load_text("[pool]\ndevice = \"tpu\"\n").unwrap_err().to_string();
+        assert!(e.contains("`pool.device`") && e.contains("tpu"), "{e}");
+        let e = load_text("[pool]\nmodels = [\"nope\"]\n").unwrap_err().to_string();
+        assert!(e.contains("`pool.models` names `nope`"), "{e}");
+    }
+
+    #[test]
+    fn model_paths_must_lie_under_the_roots() {
+        let root = repo().join("tests/fixtures/models").canonicalize().unwrap();
+        let config = |path: &str| format!("model_roots = [\"{}\"]\n[[models]]\nname = \"x\"\npath = \"{path}\"\n", root.display());
+        // `..` that leaves the root, and an absolute path elsewhere.
+        for path in [format!("{}/../../../crates", root.display()), "/tmp".to_string()] {
+            let e = load_text(&config(&path)).unwrap_err().to_string();
+            assert!(e.contains("model `x`") && e.contains("outside the model roots"), "{e}");
+        }
+        // A path through `..` that stays inside is made canonical.
+        let c = load_text(&config(&format!("{}/llama-bf16/../qwen3-bf16", root.display()))).unwrap();
+        assert_eq!(c.models[0].path, root.join("qwen3-bf16"));
+        // Under roots, a missing directory is an error at once.
+        let e = load_text(&config(&format!("{}/nope", root.display()))).unwrap_err().to_string();
+        assert!(e.contains("model `x`") && e.contains("nope"), "{e}");
     }
 }

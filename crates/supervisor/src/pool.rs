@@ -282,7 +282,12 @@ impl Pool {
             next_ticket: AtomicU64::new(0),
         });
         for _ in 0..workers {
-            pool.add_slot();
+            pool.add_slot(None);
+        }
+        for group in pool.config().pool.groups {
+            for _ in 0..group.workers {
+                pool.add_slot(Some(group.name.clone()));
+            }
         }
         pool
     }
@@ -295,9 +300,15 @@ impl Pool {
         self.slots.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn add_slot(&self) -> Arc<Slot> {
+    /// Starts a worker of `group` (`None`: the main pool).
+    fn add_slot(&self, group: Option<String>) -> Arc<Slot> {
         let config = self.config();
-        let desired: BTreeSet<String> = config.models.iter().filter(|m| m.preload).map(|m| m.name.clone()).collect();
+        let desired: BTreeSet<String> = config
+            .models
+            .iter()
+            .filter(|m| (m.preload || m.pinned) && config.serves(group.as_deref(), &m.name))
+            .map(|m| m.name.clone())
+            .collect();
         let b = &config.breaker;
         let breaker = Breaker::new(BreakerConfig {
             failure_threshold: b.failure_threshold,
@@ -312,7 +323,7 @@ impl Pool {
             window: ms(r.window_ms),
         });
         let id = self.next_slot.fetch_add(1, Relaxed);
-        let slot = Slot::start(id, desired, breaker, restart, self.ctx.clone());
+        let slot = Slot::start(id, group, desired, breaker, restart, self.ctx.clone());
         if let Ok(mut slots) = self.slots.lock() {
             slots.push(slot.clone());
         }
@@ -737,9 +748,13 @@ impl Pool {
     /// a suspect, one with no other suspect on it).
     fn pick_worker(&self, model: &str, exclude: &HashSet<(u64, u64)>, suspect: bool) -> Pick {
         let now = Instant::now();
-        let cap_override = self.config().pool.max_in_flight_per_worker;
+        let config = self.config();
+        let cap_override = config.pool.max_in_flight_per_worker;
         let (mut eligible, mut full, mut without) = (Vec::new(), false, Vec::new());
         for slot in self.slots() {
+            if !config.serves(slot.group.as_deref(), model) {
+                continue;
+            }
             let mut s = slot.lock();
             let Some(conn) = s.conn.clone() else { continue };
             if s.state != WorkerState::Ready || s.drain || exclude.contains(&(slot.id, conn.generation)) {
@@ -812,6 +827,8 @@ impl Pool {
 
     /// Unloads idle models, least recently used first, until `need` more bytes fit the budget.
     async fn make_room(&self, slot: &Arc<Slot>, conn: &Conn, need: u64, budget: u64) -> Result<(), PoolError> {
+        let config = self.config();
+        let pinned = |name: &str| config.model(name).is_some_and(|m| m.pinned);
         loop {
             let (used, victim) = {
                 let s = slot.lock();
@@ -819,7 +836,7 @@ impl Pool {
                 let victim = s
                     .models
                     .iter()
-                    .filter(|(name, _)| !s.requests.values().any(|r| r.model == **name))
+                    .filter(|(name, _)| !pinned(name) && !s.requests.values().any(|r| r.model == **name))
                     .min_by_key(|(_, m)| m.last_used)
                     .map(|(name, _)| name.clone());
                 (used, victim)
@@ -830,7 +847,7 @@ impl Pool {
             let Some(victim) = victim else {
                 return Err(PoolError::Conflict {
                     message: format!(
-                        "worker {} cannot fit {need} more bytes of weights in its budget of {budget} (in use: {used}, nothing idle to evict)",
+                        "worker {} cannot fit {need} more bytes of weights in its budget of {budget} (in use: {used}, nothing idle and unpinned to evict)",
                         slot.id
                     ),
                 });
@@ -903,7 +920,7 @@ impl Pool {
         let mut replaced = Vec::new();
         for slot in old {
             let before = self.ready_count();
-            let fresh = self.add_slot();
+            let fresh = self.add_slot(slot.group.clone());
             {
                 let desired = slot.lock().desired.clone();
                 fresh.lock().desired.extend(desired);
@@ -948,9 +965,13 @@ impl Pool {
     /// Loads a model on the given workers (all when `None`), now and whenever they restart.
     pub async fn prefetch(&self, model: &str, workers: Option<Vec<u64>>) -> Result<Vec<u64>, PoolError> {
         let targets = self.targets(workers)?;
-        configured(&self.config(), model)?;
+        let config = self.config();
+        configured(&config, model)?;
         let mut done = Vec::new();
         for slot in targets {
+            if !config.serves(slot.group.as_deref(), model) {
+                continue;
+            }
             slot.lock().desired.insert(model.to_string());
             if slot.lock().conn.is_some() {
                 self.load_on(&slot, model).await?;
@@ -995,30 +1016,51 @@ impl Pool {
         if let Ok(mut c) = self.config.write() {
             c.pool.workers = n;
         }
+        self.scale_group(None, n).await;
+        Ok(self.group_slots(None).len())
+    }
+
+    fn group_slots(&self, group: Option<&str>) -> Vec<Arc<Slot>> {
+        self.slots().into_iter().filter(|s| s.group.as_deref() == group).collect()
+    }
+
+    /// Grows or shrinks one group of workers to `n`.
+    async fn scale_group(&self, group: Option<&str>, n: usize) {
         let config = self.config();
-        let mut slots = self.slots();
+        let mut slots = self.group_slots(group);
         while slots.len() < n {
-            self.add_slot();
-            slots = self.slots();
+            self.add_slot(group.map(str::to_string));
+            slots = self.group_slots(group);
         }
         if slots.len() > n {
             // Workers that are not serving go first, then the newest.
             slots.sort_by_key(|s| (s.lock().state == WorkerState::Ready, std::cmp::Reverse(s.id)));
-            let extra: Vec<Arc<Slot>> = slots.into_iter().take(self.slots().len() - n).collect();
+            let extra: Vec<Arc<Slot>> = slots.iter().take(slots.len() - n).cloned().collect();
             for slot in extra {
                 self.retire(&slot, &config).await;
             }
         }
-        Ok(self.slots().len())
     }
 
-    /// Replaces the configuration (validated by the caller) and applies the worker count.
+    /// Replaces the configuration (validated by the caller) and applies the worker counts of
+    /// the pool and its groups; workers of groups no longer configured are stopped. Returns
+    /// the number of workers.
     pub async fn reload(&self, config: Config) -> Result<usize, PoolError> {
         let workers = config.pool.workers;
+        let groups: Vec<(String, usize)> = config.pool.groups.iter().map(|g| (g.name.clone(), g.workers)).collect();
         if let Ok(mut c) = self.config.write() {
             *c = config;
         }
-        self.scale(workers).await
+        self.scale_group(None, workers).await;
+        for (name, n) in &groups {
+            self.scale_group(Some(name), *n).await;
+        }
+        let config = self.config();
+        let gone: Vec<Arc<Slot>> = self.slots().into_iter().filter(|s| s.group.is_some() && config.group(s.group.as_deref()).is_none()).collect();
+        for slot in gone {
+            self.retire(&slot, &config).await;
+        }
+        Ok(self.slots().len())
     }
 
     /// Stops admitting, lets requests finish within `deadline`, stops every worker.
@@ -1029,10 +1071,11 @@ impl Pool {
         while self.budget.active() > 0 && Instant::now() < end {
             sleep(Duration::from_millis(10)).await;
         }
-        let stops = self.slots().into_iter().map(|slot| async move { slot.stop(true).await });
-        for stop in stops.collect::<Vec<_>>() {
-            stop.await;
-        }
+        // All workers at once, with what is left of the deadline: the stop as a whole takes
+        // the drain deadline plus the stop grace at most.
+        let left = end.saturating_duration_since(Instant::now());
+        let stops = self.slots().into_iter().map(|slot| async move { slot.stop_with(true, Some(left)).await });
+        futures_util::future::join_all(stops).await;
     }
 }
 

@@ -26,6 +26,9 @@ pub struct PoolStatus {
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkerStatus {
     pub id: u64,
+    /// The worker group (`pool.groups`); absent for the main pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub state: WorkerState,
     pub pid: Option<u32>,
     /// Processes started in this slot so far.
@@ -64,6 +67,7 @@ impl WorkerStatus {
         let beat = s.heartbeat.clone();
         WorkerStatus {
             id: slot.id,
+            group: slot.group.clone(),
             state: s.state,
             pid: s.pid,
             generation: s.generation,

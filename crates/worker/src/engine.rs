@@ -20,6 +20,8 @@ pub struct EngineConfig {
     pub kv_cache_bytes: u64,
     pub prefill_chunk: usize,
     pub max_line_bytes: usize,
+    /// Context of every model when below its own; 0: each model's own.
+    pub max_context_tokens: usize,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;

@@ -60,6 +60,10 @@ struct Args {
     /// Longest accepted input line in bytes; longer lines get an error response.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     max_line_bytes: usize,
+    /// Context of every model in tokens (prompt plus max_tokens) when below the model's own;
+    /// 0 keeps each model's own.
+    #[arg(long, default_value_t = 0)]
+    max_context_tokens: usize,
 }
 
 fn main() {
@@ -111,6 +115,7 @@ fn run(args: Args) -> Result<()> {
         kv_cache_bytes: args.kv_cache_bytes,
         prefill_chunk: args.prefill_chunk as usize,
         max_line_bytes: args.max_line_bytes,
+        max_context_tokens: args.max_context_tokens,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(serve(args, config));

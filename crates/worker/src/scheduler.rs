@@ -209,8 +209,9 @@ impl Scheduler {
                 l.path.display()
             )));
         }
-        let model = Model::load(&path)
+        let mut model = Model::load(&path)
             .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
+        model.set_context_cap((self.config.max_context_tokens > 0).then_some(self.config.max_context_tokens));
         let loaded = Loaded {
             kv_per_token: model.kv_bytes_per_token() as u64,
             weight_bytes: model.weight_bytes() as u64,

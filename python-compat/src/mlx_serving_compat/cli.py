@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=positive, default=512, help="prompt tokens per prefill chunk")
     p.add_argument("--max-line-bytes", type=non_negative, default=DEFAULT_MAX_LINE_BYTES,
                    help="longest accepted input line in bytes; longer lines get an error response")
+    p.add_argument("--max-context-tokens", type=non_negative, default=0,
+                   help="context of every model in tokens (prompt plus max_tokens) when below the model's own; "
+                        "0 keeps each model's own")
     p.add_argument("--version", action="version", version=f"mlx-serving-pyworker {__version__}")
     args = p.parse_args(argv)
     if args.model_name is not None and args.model is None:
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
         prefill_chunk=args.prefill_chunk,
     )
     shared = Shared()
-    engine = Engine(limits, shared)
+    engine = Engine(limits, shared, max_context_tokens=args.max_context_tokens)
     engine.start()
     out = Output(out_fd)
 

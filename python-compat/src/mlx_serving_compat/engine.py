@@ -103,8 +103,10 @@ class Request:
 
 
 class Engine:
-    def __init__(self, limits: Limits, shared: Shared, batching: bool = True):
+    def __init__(self, limits: Limits, shared: Shared, batching: bool = True, max_context_tokens: int = 0):
         self.limits = limits
+        # Context of every model when below its own (0: each model's own).
+        self.max_context_tokens = max_context_tokens
         self.shared = shared
         self.batching = batching
         self.commands: "queue.Queue" = queue.Queue()
@@ -189,6 +191,8 @@ class Engine:
                 return self._info(loaded)
             raise invalid(f"model `{model}` is already loaded from {loaded.path}; unload it first")
         loaded = LoadedModel(model, path)
+        if self.max_context_tokens > 0:
+            loaded.context_length = min(loaded.context_length, self.max_context_tokens)
         batching = self.batching and loaded.batchable
         backend = BatchBackend if batching else SequentialBackend
         self.backends[model] = backend(loaded.model, self.limits.max_sequences, self.limits.prefill_chunk)

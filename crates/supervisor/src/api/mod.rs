@@ -33,6 +33,8 @@ pub struct ApiState {
     pub pool: Arc<Pool>,
     pub config: HttpConfig,
     pub metrics: PrometheusHandle,
+    /// Whether `/metrics` is served (`metrics.enabled`).
+    pub serve_metrics: bool,
     /// Present when `http.rate_limit_per_s` is set.
     pub limiter: Option<ratelimit::RateLimiter>,
 }
@@ -40,7 +42,7 @@ pub struct ApiState {
 impl ApiState {
     pub fn new(pool: Arc<Pool>, config: HttpConfig, metrics: PrometheusHandle) -> ApiState {
         let limiter = (config.rate_limit_per_s > 0.0).then(|| ratelimit::RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst));
-        ApiState { pool, config, metrics, limiter }
+        ApiState { pool, config, metrics, serve_metrics: true, limiter }
     }
 }
 
@@ -55,11 +57,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let mut router = Router::new()
         .merge(v1)
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/ready", get(ready));
+    if state.serve_metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         // The body limit is enforced when the handler reads the body, so the 413 comes in the
         // OpenAI error format.
         .layer(DefaultBodyLimit::max(limit))
@@ -146,7 +151,7 @@ async fn generate(
         }
         Err(rejection) => return fail("", ApiError::invalid(None, rejection.body_text())),
     };
-    let (req, priority) = match openai::parse(route, &body, state.config.default_max_tokens, &id).and_then(|r| Ok((r, priority(&headers)?))) {
+    let (req, priority) = match openai::parse(route, &body, &openai::TokenLimits { default_max_tokens: state.config.default_max_tokens, max_tokens: state.config.max_tokens }, &id).and_then(|r| Ok((r, priority(&headers)?))) {
         Ok(r) => r,
         Err(e) => return fail("", e),
     };

@@ -101,7 +101,15 @@ fn invalid(param: &str, message: impl Into<String>) -> ApiError {
 }
 
 /// Parses and checks a body; the error names the field and the limit.
-pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &str) -> Result<ValidRequest, ApiError> {
+/// Bounds on `max_tokens` (from `http.default_max_tokens` and `http.max_tokens`).
+pub struct TokenLimits {
+    pub default_max_tokens: usize,
+    /// 0: no bound here (the context bounds it).
+    pub max_tokens: usize,
+}
+
+pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) -> Result<ValidRequest, ApiError> {
+    let default_max_tokens = limits.default_max_tokens;
     let de = &mut serde_json::Deserializer::from_slice(body);
     let b: Body = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -175,6 +183,9 @@ pub fn parse(route: Route, body: &[u8], default_max_tokens: usize, request_id: &
     };
     if max_tokens.1 < 1 {
         return Err(invalid(max_tokens.0, format!("`{}` must be at least 1, got {}", max_tokens.0, max_tokens.1)));
+    }
+    if limits.max_tokens > 0 && max_tokens.1 > limits.max_tokens as i64 {
+        return Err(invalid(max_tokens.0, format!("`{}` is {}, above this server's limit of {}", max_tokens.0, max_tokens.1, limits.max_tokens)));
     }
     let temperature = b.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -385,7 +396,7 @@ mod tests {
     use super::*;
 
     fn err(route: Route, body: &str) -> ApiError {
-        parse(route, body.as_bytes(), 16, "r").unwrap_err()
+        parse(route, body.as_bytes(), &TokenLimits { default_max_tokens: 16, max_tokens: 1000 }, "r").unwrap_err()
     }
 
     #[test]
@@ -400,6 +411,7 @@ mod tests {
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#, "n"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#, "max_tokens"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":-5}"#, "max_completion_tokens"),
+            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1001}"#, "max_tokens"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_p":0}"#, "top_p"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stop":[1]}"#, "stop"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#, "response_format"),
@@ -426,7 +438,7 @@ mod tests {
             Route::Chat,
             br#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"be brief"}]},{"role":"user","content":"hi"}],
                  "max_completion_tokens":7,"temperature":0,"seed":3,"stop":"\n","stream":true,"stream_options":{"include_usage":true},"logprobs":true}"#,
-            16,
+            &TokenLimits { default_max_tokens: 16, max_tokens: 0 },
             "req-1",
         )
         .unwrap();
@@ -444,7 +456,7 @@ mod tests {
                 Message { role: "user".into(), content: "hi".into() }
             ])
         );
-        let c = parse(Route::Completions, br#"{"model":"m","prompt":[1,2,3]}"#, 16, "r").unwrap();
+        let c = parse(Route::Completions, br#"{"model":"m","prompt":[1,2,3]}"#, &TokenLimits { default_max_tokens: 16, max_tokens: 0 }, "r").unwrap();
         assert_eq!(c.generate.prompt, Prompt::TokenIds(vec![1, 2, 3]));
         assert_eq!(c.generate.max_tokens, 16);
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jsonrpsee::core::client::{Client, ClientBuilder};
-use mlx_serving_protocol::framing::{DEFAULT_MAX_LINE_BYTES, LineReader, PipeReceiver, PipeSender};
+use mlx_serving_protocol::framing::{LineReader, PipeReceiver, PipeSender};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -44,15 +44,14 @@ pub struct Process {
     pub stderr_done: tokio::task::JoinHandle<()>,
 }
 
-/// Starts `command` (program and arguments) with `extra` arguments, in its own process group,
-/// and connects a client to its pipes.
-pub fn spawn(command: &[String], extra: &[String], worker: u64, request_timeout: Duration) -> std::io::Result<Process> {
+/// Starts `command` (program and arguments) in its own process group and connects a client to
+/// its pipes, which refuses lines longer than `max_line_bytes`.
+pub fn spawn(command: &[String], worker: u64, request_timeout: Duration, max_line_bytes: usize) -> std::io::Result<Process> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the worker command is empty"))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -67,7 +66,7 @@ pub fn spawn(command: &[String], extra: &[String], worker: u64, request_timeout:
     let client = ClientBuilder::default()
         .request_timeout(request_timeout)
         .max_buffer_capacity_per_subscription(64 * 1024)
-        .build_with_tokio(PipeSender(stdin), PipeReceiver(LineReader::new(stdout, DEFAULT_MAX_LINE_BYTES)));
+        .build_with_tokio(PipeSender(stdin), PipeReceiver(LineReader::new(stdout, max_line_bytes)));
     let tail = StderrTail::default();
     let keep = tail.clone();
     let stderr_done = tokio::spawn(async move {

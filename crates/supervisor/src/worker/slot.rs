@@ -76,7 +76,9 @@ pub struct Conn {
 
 pub enum SlotCommand {
     /// Stop the worker (graceful: shutdown call with the drain deadline first) and end the slot.
-    Stop { graceful: bool, done: oneshot::Sender<()> },
+    /// `deadline`: how long running work may take in a graceful stop (`pool.drain_deadline_ms`
+    /// when absent).
+    Stop { graceful: bool, deadline: Option<Duration>, done: oneshot::Sender<()> },
     /// Stop the worker gracefully and start a new one at once.
     Restart,
 }
@@ -109,6 +111,8 @@ pub struct SlotInner {
 
 pub struct Slot {
     pub id: u64,
+    /// The group of workers (`pool.groups`) this slot belongs to; `None` for the main pool.
+    pub group: Option<String>,
     /// Requests counted against this slot until their streams end.
     pub inflight: Arc<AtomicUsize>,
     /// Of those, requests that were on a worker when it died before they got a token: each
@@ -134,10 +138,18 @@ impl SlotContext {
 
 impl Slot {
     /// Creates a slot and starts its task.
-    pub fn start(id: u64, desired: BTreeSet<String>, breaker: Breaker, restart: RestartTracker, ctx: Arc<SlotContext>) -> Arc<Slot> {
+    pub fn start(
+        id: u64,
+        group: Option<String>,
+        desired: BTreeSet<String>,
+        breaker: Breaker,
+        restart: RestartTracker,
+        ctx: Arc<SlotContext>,
+    ) -> Arc<Slot> {
         let (tx, rx) = mpsc::unbounded_channel();
         let slot = Arc::new(Slot {
             id,
+            group,
             inflight: Arc::new(AtomicUsize::new(0)),
             suspects: Arc::new(AtomicUsize::new(0)),
             inner: Mutex::new(SlotInner {
@@ -174,8 +186,13 @@ impl Slot {
 
     /// Stops the worker and ends the slot's task.
     pub async fn stop(&self, graceful: bool) {
+        self.stop_with(graceful, None).await
+    }
+
+    /// A stop whose graceful part lasts at most `deadline` (`None`: the drain deadline).
+    pub async fn stop_with(&self, graceful: bool, deadline: Option<Duration>) {
         let (done, rx) = oneshot::channel();
-        if self.send(SlotCommand::Stop { graceful, done }) {
+        if self.send(SlotCommand::Stop { graceful, deadline, done }) {
             let _ = rx.await;
         }
     }
@@ -215,8 +232,8 @@ async fn run(slot: Arc<Slot>, ctx: Arc<SlotContext>, mut restart: RestartTracker
             s.generation
         };
         ctx.changed.notify_waiters();
-        let extra = vec!["--heartbeat-ms".to_string(), p.heartbeat_interval_ms.to_string()];
-        let ended = match process::spawn(&config.worker_command(), &extra, slot.id, ms(p.start_timeout_ms)) {
+        let command = config.worker_command_for(slot.group.as_deref());
+        let ended = match process::spawn(&command, slot.id, ms(p.start_timeout_ms), p.max_line_bytes) {
             Ok(mut proc) => {
                 {
                     let mut s = slot.lock();
@@ -424,8 +441,9 @@ fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &Arc<Client>, n
         s.models
             .iter()
             .filter(|(name, m)| {
-                let keep = config.model(name).map_or(0, |c| c.keep_alive_s);
+                let (keep, pinned) = config.model(name).map_or((0, false), |c| (c.keep_alive_s, c.pinned));
                 keep > 0
+                    && !pinned
                     && now.duration_since(m.last_used) >= Duration::from_secs(keep)
                     && !s.requests.values().any(|r| r.model == **name)
             })
@@ -466,13 +484,16 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
         Ended::OverMemory(reason) => {
             tracing::warn!(worker = slot.id, pid = proc.pid, %reason, "recycling worker");
             slot.set_state(ctx, WorkerState::Stopping);
-            stop_process(proc, config, true).await;
+            stop_process(proc, config, true, None).await;
             reason
         }
         Ended::Command(command) => {
             slot.set_state(ctx, WorkerState::Stopping);
-            let graceful = !matches!(command, SlotCommand::Stop { graceful: false, .. });
-            stop_process(proc, config, graceful).await;
+            let (graceful, deadline) = match &command {
+                SlotCommand::Stop { graceful, deadline, .. } => (*graceful, *deadline),
+                SlotCommand::Restart => (true, None),
+            };
+            stop_process(proc, config, graceful, deadline).await;
             return match command {
                 SlotCommand::Stop { done, .. } => Finished::Stopped(done),
                 SlotCommand::Restart => Finished::Restart,
@@ -513,13 +534,13 @@ async fn exit_or_kill(proc: &mut Process) -> Option<String> {
     None
 }
 
-/// Graceful: the shutdown call with the drain deadline, then SIGTERM, then SIGKILL after the
-/// grace period. Not graceful: SIGTERM, then SIGKILL.
-async fn stop_process(proc: &mut Process, config: &Config, graceful: bool) {
+/// Graceful: the shutdown call with the drain deadline (or `deadline`), then SIGTERM, then
+/// SIGKILL after the grace period. Not graceful: SIGTERM, then SIGKILL.
+async fn stop_process(proc: &mut Process, config: &Config, graceful: bool, deadline: Option<Duration>) {
     let p = &config.pool;
     if graceful {
-        let deadline = ms(p.drain_deadline_ms);
-        let _ = timeout(Duration::from_secs(1), proc.client.shutdown(p.drain_deadline_ms)).await;
+        let deadline = deadline.unwrap_or(ms(p.drain_deadline_ms));
+        let _ = timeout(Duration::from_secs(1), proc.client.shutdown(deadline.as_millis() as u64)).await;
         if timeout(deadline + Duration::from_secs(1), proc.child.wait()).await.is_ok() {
             return;
         }
