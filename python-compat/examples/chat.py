@@ -1,8 +1,8 @@
 """Talk to mlx-serving's OpenAI-compatible API with the official `openai` package.
 
     pip install openai
-    python chat.py                      # http://127.0.0.1:8080/v1, model "tiny"
-    MLX_SERVING_URL=http://host:8080/v1 MLX_SERVING_MODEL=tiny python chat.py
+    python chat.py                      # http://127.0.0.1:8080/v1, model "demo"
+    MLX_SERVING_URL=http://host:8080/v1 MLX_SERVING_MODEL=demo python chat.py
 
 The supervisor may run Rust workers or the Python worker of this package; the API is the same.
 """
@@ -15,7 +15,7 @@ client = OpenAI(
     base_url=os.environ.get("MLX_SERVING_URL", "http://127.0.0.1:8080/v1"),
     api_key=os.environ.get("MLX_SERVING_API_KEY", "not-needed"),
 )
-model = os.environ.get("MLX_SERVING_MODEL", "tiny")
+model = os.environ.get("MLX_SERVING_MODEL", "demo")
 
 # One answer at once.
 reply = client.chat.completions.create(

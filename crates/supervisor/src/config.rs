@@ -502,7 +502,7 @@ mod tests {
     #[test]
     fn the_documented_configuration_parses_and_is_valid() {
         let c = Config::load(&repo().join("config/mlx-serving.toml")).unwrap();
-        assert_eq!(c.models[0].name, "tiny");
+        assert_eq!(c.models[0].name, "demo");
         assert!(c.models[0].path.join("config.json").exists(), "{}", c.models[0].path.display());
         assert_eq!(c.pool.max_queue_per_model, 256);
     }
