@@ -1,6 +1,8 @@
 """generate: greedy output equal to mlx-lm's goldens, stream shape, stop conditions, sampling,
 log-probabilities, resumption, cancellation."""
 
+import json
+import os
 import math
 import time
 
@@ -9,7 +11,7 @@ import pytest
 from conftest import MODEL, golden, model_dir
 from worker import Worker
 
-MODELS = ["qwen3-bf16", "qwen3-q4g64", "llama-bf16", "llama-q4g32", "llama-f32", "qwen2-bf16", "qwen2-q8g64", "qwen2-f16"]
+MODELS = ["qwen3-bf16", "qwen3-q4g64", "llama-bf16", "llama-q4g32", "llama-f32", "qwen2-bf16", "qwen2-q8g64", "qwen2-f16", "demo"]
 SPECIAL_IDS = {0, 1, 2}  # the fixture tokenizer's special tokens
 
 
@@ -32,7 +34,9 @@ def test_greedy_output_equals_the_mlx_lm_golden(golden_worker, name):
     w = golden_worker
     g = golden(name)
     info = w.result("load_model", {"model": name, "path": model_dir(name)})
-    assert info["model"] == name and info["model_type"] == name.split("-")[0]
+    with open(os.path.join(model_dir(name), "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    assert info["model"] == name and info["model_type"] == model_type
     # The three cases run together, so they are batched; the chat case goes through the template.
     subs = []
     for case in g["cases"]:
