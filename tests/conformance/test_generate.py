@@ -52,7 +52,8 @@ def test_greedy_output_equals_the_mlx_lm_golden(golden_worker, name):
         s = w.collect(sub, timeout=600)
         assert s.tokens == case["greedy_tokens"], f"{name}/{case['name']} differs from mlx-lm"
         assert s.reason == "length"
-        assert s.usage == {"prompt_tokens": len(case["prompt_ids"]), "completion_tokens": g["max_tokens"]}
+        assert s.usage["prompt_tokens"] == len(case["prompt_ids"]) and s.usage["completion_tokens"] == g["max_tokens"]
+        assert 0 <= s.usage["cached_tokens"] < len(case["prompt_ids"])
         assert len(s.logprobs) == len(s.tokens)
         for got, want in zip(s.logprobs, case["greedy_token_logprobs"]):
             assert abs(got - want) <= tol, (name, case["name"], got, want)

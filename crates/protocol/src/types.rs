@@ -230,6 +230,9 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the worker's prefix cache instead of a prefill.
+    #[serde(default)]
+    pub cached_tokens: usize,
 }
 
 /// Result of `shutdown`.

@@ -549,7 +549,7 @@ impl Scheduler {
         let event = FinalEvent {
             finish_reason: reason,
             text,
-            usage: Usage { prompt_tokens: r.seq.prompt().len() - r.resumed, completion_tokens: r.generated },
+            usage: Usage { prompt_tokens: r.seq.prompt().len() - r.resumed, completion_tokens: r.generated, cached_tokens: 0 },
             time_to_first_token_ms: r.first_token.map(|t| ms(t.duration_since(r.arrived))),
             total_ms: ms(r.arrived.elapsed()),
             error,

@@ -430,7 +430,7 @@ class Engine:
             "type": "final",
             "finish_reason": reason,
             "text": text,
-            "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generated},
+            "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generated, "cached_tokens": 0},
             "total_ms": (now - r.arrived) * 1000.0,
         }
         if r.first_token is not None:
