@@ -4,7 +4,7 @@ import time
 
 from conftest import golden
 
-HEARTBEAT_KEYS = {"seq", "uptime_ms", "progress", "queue_depth", "active_sequences", "models", "memory", "draining"}
+HEARTBEAT_KEYS = {"seq", "uptime_ms", "progress", "queue_depth", "active_sequences", "models", "memory", "draining", "prefix_cache"}
 
 
 def wait_for_heartbeats(w, n, timeout=30.0):

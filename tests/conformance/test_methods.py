@@ -4,6 +4,7 @@ import pytest
 
 from conftest import model_dir
 
+PREFIX_CACHE_KEYS = {"hits", "misses", "cached_tokens", "evictions", "entries", "bytes"}
 MODEL_INFO = {"model", "path", "model_type", "weight_bytes", "kv_cache_bytes", "context_length", "kv_bytes_per_token"}
 
 
@@ -15,15 +16,18 @@ def req(id="a", model="m", **extra):
 
 def test_handshake(start):
     w = start("--max-sequences", "3", "--max-queue", "5", "--prefill-chunk", "64", "--max-line-bytes", "100000",
-              "--kv-cache-bytes", "123456789", model=False)
+              "--kv-cache-bytes", "123456789", "--prefix-cache-bytes", "1000000", model=False)
     h = w.result("handshake", {})
     assert h["protocol_version"].split(".")[0] == "1"
     assert isinstance(h["engine"], str) and h["engine"]
     assert h["device"] in ("cpu", "gpu")
     assert h["pid"] == w.proc.pid
     assert {"generate", "cancel"} <= set(h["capabilities"])
-    assert h["limits"] == {"max_sequences": 3, "max_queue": 5, "kv_cache_bytes": 123456789,
-                           "max_line_bytes": 100000, "prefill_chunk": 64}
+    limits = dict(h["limits"])
+    # A worker without a prefix cache reports 0 bytes for it.
+    assert limits.pop("prefix_cache_bytes") in (0, 1000000)
+    assert limits == {"max_sequences": 3, "max_queue": 5, "kv_cache_bytes": 123456789,
+                      "max_line_bytes": 100000, "prefill_chunk": 64}
     assert w.result("list_models", {}) == []
 
 
@@ -54,8 +58,9 @@ def test_load_list_unload(start):
 def test_stats(shared):
     s = shared.result("stats", {})
     for key in ("uptime_ms", "progress", "queue_depth", "active_sequences", "requests", "models", "memory",
-                "kv_reserved_bytes", "limits", "draining"):
+                "kv_reserved_bytes", "limits", "draining", "prefix_cache"):
         assert key in s, key
+    assert set(s["prefix_cache"]) == PREFIX_CACHE_KEYS
     assert set(s["progress"]) == {"prefilled_tokens", "decoded_tokens", "steps"}
     assert set(s["requests"]) == {"accepted", "rejected", "stopped", "length", "cancelled", "failed"}
     assert set(s["memory"]) == {"active", "peak", "cache", "rss"}

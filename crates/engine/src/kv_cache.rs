@@ -4,7 +4,7 @@ use mlx::{Array, Dtype};
 use crate::error::Result;
 
 /// Positions added per growth of the buffers.
-const STEP: i32 = 256;
+pub const STEP: i32 = 256;
 
 /// One layer's keys and values for one sequence: `[1, kv_heads, capacity, head_dim]` buffers of
 /// which the first `offset` positions are filled.
@@ -16,8 +16,33 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
+    /// A cache holding `keys`/`values` (`[1, kv_heads, n, head_dim]`), all `n` positions filled.
+    /// The arrays are shared, never written: the first append copies them into new buffers.
+    pub fn from_arrays(keys: Array, values: Array) -> LayerCache {
+        let offset = keys.dim(2);
+        LayerCache { keys: Some(keys), values: Some(values), offset }
+    }
+
     pub fn offset(&self) -> i32 {
         self.offset
+    }
+
+    /// Views of the filled positions, or `None` when empty.
+    pub fn filled(&self) -> Result<Option<(Array, Array)>> {
+        if self.offset == 0 {
+            return Ok(None);
+        }
+        self.fetch().map(Some)
+    }
+
+    /// The first `n` filled positions (views), or `None` when empty.
+    pub fn prefix(&self, n: i32) -> Result<Option<(Array, Array)>> {
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(None) };
+        let n = n.min(self.offset);
+        if n <= 0 {
+            return Ok(None);
+        }
+        Ok(Some((k.slice_axis(2, 0, n)?, v.slice_axis(2, 0, n)?)))
     }
 
     /// Appends `keys`/`values` of shape `[1, kv_heads, L, head_dim]` and returns views of every
@@ -102,6 +127,18 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> KvCache {
         KvCache { layers: (0..num_layers).map(|_| LayerCache::default()).collect() }
+    }
+
+    /// The first `n` positions of every layer, as a cache of its own sharing the arrays.
+    pub fn prefix(&self, n: i32) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l.prefix(n)? {
+                Some((k, v)) => LayerCache::from_arrays(k, v),
+                None => LayerCache::default(),
+            });
+        }
+        Ok(KvCache { layers })
     }
 
     /// Tokens held.

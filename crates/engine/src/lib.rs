@@ -4,12 +4,14 @@
 //! Layers: [`models::Transformer::forward`] (one packed forward pass over one or many sequences),
 //! [`Model::prefill_chunk`] / [`Model::decode_step`] (advance sequences), and [`Model::generate`]
 //! (one request, streamed).
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod models;
 pub mod nn;
+pub mod prefix_cache;
 pub mod sample;
 pub mod sequence;
 pub mod weights;
@@ -23,6 +25,8 @@ pub use mlx_serving_tokenizer::{ChatMessage, Tokenizer};
 pub use models::Transformer;
 pub use sample::{Sampler, SamplingParams};
 pub use sequence::Sequence;
+pub use batch::{Batch, BatchStep};
+pub use prefix_cache::{PrefixCache, PrefixCacheCounts};
 
 /// Context length assumed when config.json gives none.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;

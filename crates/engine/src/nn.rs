@@ -191,7 +191,12 @@ impl Rope {
     }
 
     pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
-        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, RopeOffset::Scalar(offset), self.freqs.as_ref())?)
+        self.forward_at(x, RopeOffset::Scalar(offset))
+    }
+
+    /// With one offset for all rows or one per row.
+    pub fn forward_at(&self, x: &Array, offset: RopeOffset<'_>) -> Result<Array> {
+        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, offset, self.freqs.as_ref())?)
     }
 }
 

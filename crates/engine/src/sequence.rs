@@ -69,9 +69,76 @@ impl Sequence {
         }
     }
 
+    /// The prompt and the generated tokens accepted so far.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
     /// Generated tokens accepted so far.
     pub fn generated(&self) -> &[u32] {
         &self.history[self.prompt.len()..]
+    }
+
+    /// One layer of the sequence's own cache (the prompt's keys and values until it joins a batch).
+    pub fn cache_layer(&self, layer: usize) -> &crate::kv_cache::LayerCache {
+        &self.cache.layers[layer]
+    }
+
+    /// The sequence's own cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Starts the sequence from cached keys and values of its first `cache.offset()` prompt
+    /// tokens (at most all but the last), so prefill goes on from there.
+    pub fn seed_cache(&mut self, cache: KvCache) -> Result<()> {
+        let n = cache.offset().max(0) as usize;
+        if self.prefilled != 0 || n + 1 > self.prompt.len() {
+            return Err(EngineError::invalid("seed_cache: the cached prefix must leave a prompt token to feed"));
+        }
+        self.cache = cache;
+        self.prefilled = n;
+        Ok(())
+    }
+
+    /// Hands the sequence's own cache over (to a batch row or a prefix cache), leaving it empty.
+    pub fn take_cache(&mut self) -> KvCache {
+        let layers = self.cache.layers.len();
+        std::mem::replace(&mut self.cache, KvCache::new(layers))
+    }
+
+    /// The first decode input: the last prompt token, `[1]` uint32.
+    pub(crate) fn first_input(&self) -> Result<Array> {
+        Ok(Array::from_slice(&[self.prompt[self.prompt.len() - 1]], &[1])?)
+    }
+
+    /// Whether the next step needs the value of the previous sampled token (for the penalty).
+    pub(crate) fn needs_history(&self) -> bool {
+        self.sampler.params().repetition_penalty != 1.0 && self.sampled > 0
+    }
+
+    /// Records the previous sampled token, read before the next step.
+    pub(crate) fn accept_input(&mut self, token: u32) {
+        self.accept(self.sampled - 1, token);
+    }
+
+    /// Whether the batch's shared argmax is this sequence's sample.
+    pub(crate) fn batch_greedy(&self) -> bool {
+        let p = self.sampler.params();
+        p.is_greedy() && p.repetition_penalty == 1.0
+    }
+
+    /// Counts one more sampled token and returns its index.
+    pub(crate) fn next_index(&mut self) -> usize {
+        let i = self.sampled;
+        self.sampled += 1;
+        self.prefilled = self.prompt.len();
+        i
+    }
+
+    /// Samples this sequence's token from its row of logits (`[1, vocab]`).
+    pub(crate) fn sample_row(&mut self, logits: &Array) -> Result<Sampled> {
+        self.sampler.sample(logits, &self.history)
     }
 
     /// The input token of the next decode step: the last prompt token first, then each sample.

@@ -30,6 +30,9 @@ pub struct Limits {
     pub max_line_bytes: usize,
     /// Prompt tokens per prefill chunk.
     pub prefill_chunk: usize,
+    /// Bytes the prefix KV cache may hold (0: no prefix cache).
+    #[serde(default)]
+    pub prefix_cache_bytes: u64,
 }
 
 /// A loaded model.
@@ -265,6 +268,21 @@ pub struct Progress {
     pub steps: u64,
 }
 
+/// The worker's prefix KV cache, over all models: counters only grow, `entries` and `bytes` are
+/// what it holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixCacheStats {
+    /// Requests that reused cached keys and values for at least one prompt token.
+    pub hits: u64,
+    /// Requests that found nothing to reuse.
+    pub misses: u64,
+    /// Prompt tokens whose prefill was skipped.
+    pub cached_tokens: u64,
+    pub evictions: u64,
+    pub entries: usize,
+    pub bytes: u64,
+}
+
 /// The `heartbeat` notification, sent every interval from a thread that never waits on MLX.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -278,6 +296,8 @@ pub struct Heartbeat {
     pub memory: Memory,
     /// Set once `shutdown` was called.
     pub draining: bool,
+    #[serde(default)]
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// Result of `stats`.
@@ -292,6 +312,8 @@ pub struct Stats {
     pub memory: Memory,
     /// KV cache bytes reserved by running sequences, out of `limits.kv_cache_bytes`.
     pub kv_reserved_bytes: u64,
+    #[serde(default)]
+    pub prefix_cache: PrefixCacheStats,
     pub limits: Limits,
     pub draining: bool,
 }

@@ -22,6 +22,8 @@ pub struct EngineConfig {
     pub max_line_bytes: usize,
     /// Context of every model when below its own; 0: each model's own.
     pub max_context_tokens: usize,
+    /// Bytes of keys and values kept per model for prompts that share a prefix (0: none).
+    pub prefix_cache_bytes: u64,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;

@@ -29,6 +29,7 @@ pub fn heartbeat(shared: &Shared, seq: u64) -> Heartbeat {
         models: shared.models(),
         memory: shared.memory(rss_bytes()),
         draining: shared.draining.load(Relaxed),
+        prefix_cache: shared.prefix_cache(),
     }
 }
 

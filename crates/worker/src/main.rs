@@ -64,6 +64,10 @@ struct Args {
     /// 0 keeps each model's own.
     #[arg(long, default_value_t = 0)]
     max_context_tokens: usize,
+    /// Bytes of keys and values kept per model so that prompts sharing a prefix with a recent
+    /// one skip that part of the prefill; 0 turns the prefix cache off.
+    #[arg(long, default_value_t = 512 << 20)]
+    prefix_cache_bytes: u64,
 }
 
 fn main() {
@@ -116,6 +120,7 @@ fn run(args: Args) -> Result<()> {
         prefill_chunk: args.prefill_chunk as usize,
         max_line_bytes: args.max_line_bytes,
         max_context_tokens: args.max_context_tokens,
+        prefix_cache_bytes: args.prefix_cache_bytes,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(serve(args, config));

@@ -5,7 +5,7 @@
 //! decode step for every sequence that is ready (one forward pass per model), and only then
 //! reads the tokens of the previous step, so MLX computes step n+1 while step n's tokens are
 //! turned into events. Sequences join and leave at every step.
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use jsonrpsee::types::ErrorObjectOwned;
 use mlx::Array;
-use mlx_serving_engine::{EngineError, GenerateParams, Model, Sampler, SamplingParams, Sequence, TextStream};
+use mlx_serving_engine::{
+    Batch, EngineError, GenerateParams, Model, PrefixCache, Sampler, SamplingParams, Sequence, TextStream,
+};
 use mlx_serving_protocol::error::ErrorInfo;
 use mlx_serving_protocol::{
-    ErrorCode, FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Limits, MAX_TOP_LOGPROBS, ModelInfo, Prompt,
-    RequestCounts, ShutdownAck, Stats, TokenEvent, TopLogprob, Unloaded, Usage,
+    ErrorCode, FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Limits, MAX_TOP_LOGPROBS, ModelInfo,
+    PrefixCacheStats, Prompt, RequestCounts, ShutdownAck, Stats, TokenEvent, TopLogprob, Unloaded, Usage,
 };
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
@@ -29,6 +31,9 @@ struct Loaded {
     path: PathBuf,
     kv_per_token: u64,
     weight_bytes: u64,
+    /// The decoding sequences of this model, one row each.
+    batch: Batch,
+    prefix: PrefixCache,
 }
 
 /// One request, from admission to its final event.
@@ -49,6 +54,8 @@ struct Request {
     first_token: Option<Instant>,
     /// Tokens produced on another worker before this one resumed the stream.
     resumed: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     /// Tokens reported to the caller (resumed ones included).
     generated: usize,
     /// Decode steps started (some may not be read yet).
@@ -67,14 +74,16 @@ impl Request {
     }
 }
 
-/// A sampled token not read yet.
+/// One model's decode step, not read yet.
 struct Pending {
-    key: u64,
-    index: usize,
-    token: Array,
-    logprob: Option<Array>,
-    /// Ids and log-probabilities of the most likely tokens, unsorted.
-    top: Option<(Array, Array)>,
+    /// Each row's request key and output index.
+    rows: Vec<(u64, usize)>,
+    /// `[rows]` uint32.
+    tokens: Array,
+    /// `[rows]` float32, when a row asked for log-probabilities.
+    logprobs: Option<Array>,
+    /// Per row: ids and log-probabilities of the most likely tokens, unsorted.
+    top: Vec<Option<(Array, Array)>>,
 }
 
 pub struct Scheduler {
@@ -217,6 +226,8 @@ impl Scheduler {
             weight_bytes: model.weight_bytes() as u64,
             model,
             path,
+            batch: Batch::new(),
+            prefix: PrefixCache::new(self.config.prefix_cache_bytes as usize),
         };
         tracing::info!(model = %name, weight_bytes = loaded.weight_bytes, "model loaded");
         let info = self.model_info(&name, &loaded);
@@ -350,6 +361,7 @@ impl Scheduler {
             reserve,
             first_token: None,
             resumed,
+            cached: 0,
             generated: resumed,
             scheduled: resumed,
             done,
@@ -382,9 +394,29 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            let r = self.queue.pop_front().expect("front exists");
+            let mut r = self.queue.pop_front().expect("front exists");
             self.kv_reserved += r.reserve;
+            if r.done.is_none() && r.seq.needs_prefill() {
+                self.seed_from_prefix_cache(&mut r);
+            }
             self.running.push(r);
+        }
+    }
+
+    /// Starts `r` from the longest cached prefix of its prompt, if any.
+    fn seed_from_prefix_cache(&mut self, r: &mut Request) {
+        let Some(loaded) = self.models.get_mut(&r.model) else { return };
+        let max = r.seq.prompt().len() - 1;
+        match loaded.prefix.lookup(r.seq.prompt(), max) {
+            Ok(Some(kv)) => {
+                let n = kv.offset().max(0) as usize;
+                match r.seq.seed_cache(kv) {
+                    Ok(()) => r.cached = n,
+                    Err(e) => tracing::warn!(error = %e, "prefix cache entry not usable"),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
         }
     }
 
@@ -413,48 +445,98 @@ impl Scheduler {
         }
     }
 
-    /// Starts one decode step for every ready sequence (one forward pass per model) and returns
-    /// its lazy results.
+    /// Starts one decode step for every ready sequence (one batched forward pass per model) and
+    /// returns its lazy results. Sequences that stopped leave their model's batch first (their
+    /// keys and values go to the prefix cache), and sequences whose prompt is prefilled join it.
     fn start_decode(&mut self) -> Vec<Pending> {
         let mut out = Vec::new();
-        for (name, loaded) in &self.models {
-            let mut group: Vec<&mut Request> =
-                self.running.iter_mut().filter(|r| &r.model == name && r.ready_to_decode()).collect();
-            if group.is_empty() {
-                continue;
-            }
-            let sampled = {
-                let mut seqs: Vec<&mut Sequence> = group.iter_mut().map(|r| &mut r.seq).collect();
-                loaded.model.decode_step(&mut seqs)
-            };
-            let result = sampled.and_then(|sampled| {
-                let mut step = Vec::with_capacity(sampled.len());
-                for (r, s) in group.iter_mut().zip(sampled) {
+        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+        for (name, loaded) in &mut self.models {
+            let running = &mut self.running;
+            let gone: Vec<u64> = loaded
+                .batch
+                .keys()
+                .iter()
+                .copied()
+                .filter(|k| index.get(k).is_none_or(|&i| !running[i].ready_to_decode()))
+                .collect();
+            let result = (|| -> mlx_serving_engine::Result<Option<Pending>> {
+                let caching = self.config.prefix_cache_bytes > 0;
+                let left = loaded.batch.remove(&gone, |k| caching && index.contains_key(&k))?;
+                for (key, kv) in left {
+                    let r = &running[index[&key]];
+                    let n = kv.offset().max(0) as usize;
+                    if let Some(tokens) = r.seq.history().get(..n) {
+                        loaded.prefix.insert(tokens.to_vec(), kv);
+                    }
+                }
+                let in_batch: std::collections::HashSet<u64> = loaded.batch.keys().iter().copied().collect();
+                let mut joining: Vec<(u64, &mut Sequence)> = running
+                    .iter_mut()
+                    .filter(|r| &r.model == name && r.ready_to_decode() && !in_batch.contains(&r.key))
+                    .map(|r| (r.key, &mut r.seq))
+                    .collect();
+                // The prompt's keys and values (all but its last token) go to the prefix cache.
+                let prompts: Vec<Vec<u32>> = joining
+                    .iter()
+                    .map(|(_, s)| s.prompt()[..s.cached_tokens().max(0) as usize].to_vec())
+                    .collect();
+                let caches = if joining.is_empty() {
+                    Vec::new()
+                } else {
+                    loaded.model.join(&mut loaded.batch, std::mem::take(&mut joining))?
+                };
+                if caching {
+                    for (tokens, kv) in prompts.into_iter().zip(caches) {
+                        loaded.prefix.insert(tokens, kv);
+                    }
+                }
+                if loaded.batch.is_empty() {
+                    return Ok(None);
+                }
+                let keys = loaded.batch.keys().to_vec();
+                let mut rows: Vec<&mut Request> = Vec::with_capacity(keys.len());
+                {
+                    let mut by_key: HashMap<u64, &mut Request> = running.iter_mut().map(|r| (r.key, r)).collect();
+                    for k in &keys {
+                        let r = by_key.remove(k).ok_or_else(|| EngineError::Mlx(mlx::Error::Invalid("a batch row has no request".into())))?;
+                        rows.push(r);
+                    }
+                }
+                let step = {
+                    let mut seqs: Vec<&mut Sequence> = rows.iter_mut().map(|r| &mut r.seq).collect();
+                    loaded.model.decode_batch(&mut loaded.batch, &mut seqs)?
+                };
+                let any_logprobs = rows.iter().any(|r| r.logprobs);
+                let logprobs = if any_logprobs { Some(step.token_logprobs()?) } else { None };
+                let mut top = Vec::with_capacity(rows.len());
+                for (i, r) in rows.iter_mut().enumerate() {
                     r.scheduled += 1;
-                    let logprob = if r.logprobs {
-                        Some(s.logprobs.take(&s.token, 0)?.astype(mlx::Dtype::Float32)?)
+                    top.push(if r.top_logprobs > 0 {
+                        let i = i as i32;
+                        Some(top_k(&step.logprobs.slice_axis(0, i, i + 1)?, r.top_logprobs)?)
                     } else {
                         None
-                    };
-                    let top = if r.top_logprobs > 0 { Some(top_k(&s.logprobs, r.top_logprobs)?) } else { None };
-                    step.push(Pending { key: r.key, index: s.index, token: s.token, logprob, top });
+                    });
                 }
-                let arrays: Vec<&Array> = step
-                    .iter()
-                    .flat_map(|p| {
-                        std::iter::once(&p.token).chain(p.logprob.as_ref()).chain(p.top.iter().flat_map(|(i, v)| [i, v]))
-                    })
+                let arrays: Vec<&Array> = std::iter::once(&step.tokens)
+                    .chain(logprobs.as_ref())
+                    .chain(top.iter().flatten().flat_map(|(i, v)| [i, v]))
                     .collect();
                 mlx::async_eval(&arrays)?;
-                Ok(step)
-            });
+                Ok(Some(Pending { rows: step.rows, tokens: step.tokens, logprobs, top }))
+            })();
             match result {
-                Ok(step) => out.extend(step),
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
                 Err(e) => {
                     tracing::error!(model = %name, error = %e, "decode step failed");
-                    for r in group {
-                        r.end(FinishReason::Error, Some(failure(&e)));
+                    for r in self.running.iter_mut().filter(|r| &r.model == name) {
+                        if !r.seq.needs_prefill() {
+                            r.end(FinishReason::Error, Some(failure(&e)));
+                        }
                     }
+                    loaded.batch = Batch::new();
                 }
             }
         }
@@ -464,49 +546,60 @@ impl Scheduler {
     /// Reads sampled tokens and turns them into events and stop decisions.
     fn read(&mut self, pending: Vec<Pending>) {
         for p in pending {
-            let Some(r) = self.running.iter_mut().find(|r| r.key == p.key && r.done.is_none()) else {
-                continue;
-            };
-            let read = p.token.item::<u32>().and_then(|t| Ok((t, p.logprob.as_ref().map(Array::item::<f32>).transpose()?)));
-            let (token, logprob) = match read {
+            let values = p.tokens.to_vec::<u32>().and_then(|t| Ok((t, p.logprobs.as_ref().map(Array::to_vec::<f32>).transpose()?)));
+            let (tokens, logprobs) = match values {
                 Ok(v) => v,
                 Err(e) => {
-                    r.end(FinishReason::Error, Some(failure(&e.into())));
+                    let e = EngineError::from(e);
+                    for r in self.running.iter_mut().filter(|r| p.rows.iter().any(|(k, _)| *k == r.key)) {
+                        r.end(FinishReason::Error, Some(failure(&e)));
+                    }
                     continue;
                 }
             };
-            self.shared.decoded_tokens.fetch_add(1, Relaxed);
-            r.seq.accept(p.index, token);
-            r.first_token.get_or_insert_with(Instant::now);
-            let eos = !r.params.ignore_eos && r.seq_eos(token, &self.models);
-            if eos || r.params.stop_token_ids.contains(&token) {
-                r.end(FinishReason::Stop, None);
-                continue;
-            }
-            r.generated += 1;
-            let step = match r.text.push(token) {
-                Ok(s) => s,
-                Err(e) => {
-                    r.end(FinishReason::Error, Some(failure(&e)));
+            let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+            for (row, &(key, sample_index)) in p.rows.iter().enumerate() {
+                let Some(&ri) = index.get(&key) else { continue };
+                let r = &mut self.running[ri];
+                if r.done.is_some() {
                     continue;
                 }
-            };
-            let top = match &p.top {
-                Some((ids, values)) => match top_list(ids, values, &self.models, &r.model) {
-                    Ok(list) => Some(vec![list]),
+                let token = tokens[row];
+                let logprob = if r.logprobs { logprobs.as_ref().map(|l| l[row]) } else { None };
+                self.shared.decoded_tokens.fetch_add(1, Relaxed);
+                r.seq.accept(sample_index, token);
+                r.first_token.get_or_insert_with(Instant::now);
+                let eos = !r.params.ignore_eos && r.seq_eos(token, &self.models);
+                if eos || r.params.stop_token_ids.contains(&token) {
+                    r.end(FinishReason::Stop, None);
+                    continue;
+                }
+                r.generated += 1;
+                let step = match r.text.push(token) {
+                    Ok(s) => s,
                     Err(e) => {
                         r.end(FinishReason::Error, Some(failure(&e)));
                         continue;
                     }
-                },
-                None => None,
-            };
-            let event = TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]), top_logprobs: top };
-            let _ = r.events.send(GenerateEvent::Token(event));
-            if step.stopped {
-                r.end(FinishReason::Stop, None);
-            } else if r.generated >= r.params.max_tokens {
-                r.end(FinishReason::Length, None);
+                };
+                let top = match &p.top[row] {
+                    Some((ids, values)) => match top_list(ids, values, &self.models, &r.model) {
+                        Ok(list) => Some(vec![list]),
+                        Err(e) => {
+                            r.end(FinishReason::Error, Some(failure(&e)));
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let event =
+                    TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]), top_logprobs: top };
+                let _ = r.events.send(GenerateEvent::Token(event));
+                if step.stopped {
+                    r.end(FinishReason::Stop, None);
+                } else if r.generated >= r.params.max_tokens {
+                    r.end(FinishReason::Length, None);
+                }
             }
         }
     }
@@ -549,7 +642,11 @@ impl Scheduler {
         let event = FinalEvent {
             finish_reason: reason,
             text,
-            usage: Usage { prompt_tokens: r.seq.prompt().len() - r.resumed, completion_tokens: r.generated, cached_tokens: 0 },
+            usage: Usage {
+                prompt_tokens: r.seq.prompt().len() - r.resumed,
+                completion_tokens: r.generated,
+                cached_tokens: r.cached.min(r.seq.prompt().len() - r.resumed),
+            },
             time_to_first_token_ms: r.first_token.map(|t| ms(t.duration_since(r.arrived))),
             total_ms: ms(r.arrived.elapsed()),
             error,
@@ -558,6 +655,9 @@ impl Scheduler {
     }
 
     fn publish(&self) {
+        if let Ok(mut p) = self.shared.prefix_cache.lock() {
+            *p = self.prefix_cache_stats();
+        }
         self.shared.queue_depth.store(self.queue.len(), Relaxed);
         self.shared.active_sequences.store(self.running.len(), Relaxed);
         self.shared.publish_mlx_memory();
@@ -569,8 +669,23 @@ impl Scheduler {
         }
     }
 
+    fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        let mut s = PrefixCacheStats::default();
+        for l in self.models.values() {
+            let c = l.prefix.counts();
+            s.hits += c.hits;
+            s.misses += c.misses;
+            s.cached_tokens += c.cached_tokens;
+            s.evictions += c.evictions;
+            s.entries += c.entries;
+            s.bytes += c.bytes as u64;
+        }
+        s
+    }
+
     fn model_info(&self, name: &str, l: &Loaded) -> ModelInfo {
-        let kv: usize = self.running.iter().filter(|r| r.model == name).map(|r| r.seq.kv_bytes()).sum();
+        let kv: usize =
+            l.batch.nbytes() + self.running.iter().filter(|r| r.model == name).map(|r| r.seq.kv_bytes()).sum::<usize>();
         ModelInfo {
             model: name.to_string(),
             path: l.path.display().to_string(),
@@ -593,6 +708,7 @@ impl Scheduler {
             kv_cache_bytes: config.kv_cache_bytes,
             max_line_bytes: config.max_line_bytes,
             prefill_chunk: config.prefill_chunk,
+            prefix_cache_bytes: config.prefix_cache_bytes,
         }
     }
 
@@ -607,6 +723,7 @@ impl Scheduler {
             models: self.model_infos(),
             memory: self.shared.memory(crate::heartbeat::rss_bytes()),
             kv_reserved_bytes: self.kv_reserved,
+            prefix_cache: self.prefix_cache_stats(),
             limits: Scheduler::limits(&self.config),
             draining: self.deadline.is_some(),
         }

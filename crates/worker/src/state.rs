@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use mlx_serving_protocol::{Memory, Progress};
+use mlx_serving_protocol::{Memory, PrefixCacheStats, Progress};
 
 pub struct Shared {
     pub started: Instant,
@@ -18,6 +18,7 @@ pub struct Shared {
     pub mlx_cache: AtomicU64,
     pub draining: AtomicBool,
     pub models: Mutex<Vec<String>>,
+    pub prefix_cache: Mutex<PrefixCacheStats>,
 }
 
 impl Shared {
@@ -34,7 +35,12 @@ impl Shared {
             mlx_cache: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             models: Mutex::new(Vec::new()),
+            prefix_cache: Mutex::new(PrefixCacheStats::default()),
         }
+    }
+
+    pub fn prefix_cache(&self) -> PrefixCacheStats {
+        self.prefix_cache.lock().map(|p| *p).unwrap_or_default()
     }
 
     pub fn uptime_ms(&self) -> u64 {

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-context-tokens", type=non_negative, default=0,
                    help="context of every model in tokens (prompt plus max_tokens) when below the model's own; "
                         "0 keeps each model's own")
+    p.add_argument("--prefix-cache-bytes", type=non_negative, default=0,
+                   help="accepted for the Rust worker's flag set; this worker keeps no prefix cache, so it "
+                        "reports 0 bytes whatever is given")
     p.add_argument("--version", action="version", version=f"mlx-serving-pyworker {__version__}")
     args = p.parse_args(argv)
     if args.model_name is not None and args.model is None:

@@ -35,12 +35,18 @@ MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
+# The figures of a prefix cache, for a worker without one.
+NO_PREFIX_CACHE = {"hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0, "entries": 0, "bytes": 0}
+
+
 class Limits:
     max_sequences: int = 32
     max_queue: int = 256
     kv_cache_bytes: int = 2 << 30
     max_line_bytes: int = 4 << 20
     prefill_chunk: int = 512
+    # This worker keeps no prefix cache: the bytes it may hold are 0.
+    prefix_cache_bytes: int = 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -258,6 +264,7 @@ class Engine:
             "kv_reserved_bytes": self.kv_reserved,
             "limits": self.limits.to_json(),
             "draining": self.deadline is not None,
+            "prefix_cache": NO_PREFIX_CACHE,
         }
 
     def _do_shutdown(self, deadline_ms: int) -> dict:

@@ -11,7 +11,7 @@ import threading
 import time
 
 from . import errors
-from .engine import Engine, Shared, memory
+from .engine import NO_PREFIX_CACHE, Engine, Shared, memory
 from .errors import RpcError, invalid_params
 from .params import method_params, parse_request, required, string, u64
 
@@ -223,6 +223,7 @@ def heartbeat(shared: Shared, seq: int) -> dict:
         "models": list(shared.models),
         "memory": memory(shared),
         "draining": shared.draining,
+        "prefix_cache": NO_PREFIX_CACHE,
     }
 
 

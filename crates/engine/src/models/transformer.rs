@@ -14,6 +14,7 @@
 use mlx::fast::{self, Mask};
 use mlx::{Array, Dtype};
 
+use crate::batch::{BatchCache, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
@@ -197,7 +198,51 @@ impl Transformer {
     }
 }
 
+impl Transformer {
+    /// One decode step of a batch: `ids` is `[rows, 1]`, one input token per row; each row
+    /// appends one position to its row of `cache`. Returns the next-token logits, `[rows, vocab]`.
+    pub fn forward_batch(&self, ids: &Array, cache: &mut BatchCache) -> Result<Array> {
+        let layout = cache.begin_step()?;
+        let mut h = self.embed_tokens.forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&h)?;
+            let r = layer.self_attn.forward_batch(&normed, cache, i, &layout)?;
+            h = h.add(&r)?;
+            let r = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.add(&r)?;
+        }
+        cache.end_step();
+        let h = self.norm.forward(&h)?;
+        let out = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => self.embed_tokens.as_linear(&h)?,
+        };
+        Ok(out.squeeze(1)?)
+    }
+}
+
 impl Attention {
+    /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input).
+    fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
+        let rows = x.dim(0);
+        let heads = |a: &Array, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
+            let a = a.reshape(&[rows, 1, n, -1])?;
+            let a = match norm {
+                Some(norm) => norm.forward(&a)?,
+                None => a,
+            };
+            Ok(a.transpose(&[0, 2, 1, 3])?)
+        };
+        let queries = heads(&self.q_proj.forward(x)?, self.n_heads, self.q_norm.as_ref())?;
+        let keys = heads(&self.k_proj.forward(x)?, self.n_kv_heads, self.k_norm.as_ref())?;
+        let values = heads(&self.v_proj.forward(x)?, self.n_kv_heads, None)?;
+        let queries = self.rope.forward_at(&queries, layout.rope_offset())?;
+        let keys = self.rope.forward_at(&keys, layout.rope_offset())?;
+        let (keys, values) = cache.update(layer, &keys, &values)?;
+        let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, layout.mask())?;
+        self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, 1, -1])?)
+    }
+
     fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize) -> Result<Array> {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;

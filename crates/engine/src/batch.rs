@@ -1,0 +1,356 @@
+//! Batched decoding: the running sequences of one model share one KV cache, one row each, so a
+//! decode step is one forward pass whose every operation covers the whole batch (as mlx-lm's
+//! `BatchGenerator` does), instead of a chain of operations per sequence.
+//!
+//! Rows are left-padded: every row writes its next position at the same column `idx`, and row
+//! `i` holds its positions in columns `[pads[i], idx)`. A mask hides the padding from attention
+//! and each row's rotary positions start at its own offset, so a row computes what its sequence
+//! would compute alone. Sequences join after their prompt is prefilled (their own cache is
+//! copied into a new row) and leave when they stop; the common left padding is then dropped.
+use mlx::fast::{Mask, RopeOffset};
+use mlx::{Array, Dtype};
+
+use crate::Model;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{KvCache, LayerCache, STEP};
+use crate::sample::Sampled;
+use crate::sequence::Sequence;
+
+/// One layer's keys and values of every row: `[rows, kv_heads, capacity, head_dim]`.
+struct Layer {
+    keys: Array,
+    values: Array,
+}
+
+/// The KV cache of a batch.
+#[derive(Default)]
+pub struct BatchCache {
+    /// Empty while the batch has no rows.
+    layers: Vec<Layer>,
+    /// The column the next step writes, the same for every row.
+    idx: i32,
+    /// Row `i` holds its positions in columns `[pads[i], idx)`.
+    pads: Vec<i32>,
+}
+
+/// What one step's attention needs about the rows.
+pub struct StepLayout {
+    offsets: Option<Array>,
+    offset: i32,
+    mask: Option<Array>,
+}
+
+impl StepLayout {
+    pub fn rope_offset(&self) -> RopeOffset<'_> {
+        match &self.offsets {
+            Some(a) => RopeOffset::PerRow(a),
+            None => RopeOffset::Scalar(self.offset),
+        }
+    }
+
+    pub fn mask(&self) -> Mask<'_> {
+        match &self.mask {
+            Some(m) => Mask::Array(m),
+            None => Mask::None,
+        }
+    }
+}
+
+impl BatchCache {
+    fn capacity(&self) -> i32 {
+        self.layers.first().map_or(0, |l| l.keys.dim(2))
+    }
+
+    /// Bytes held by the buffers.
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(|l| l.keys.nbytes() + l.values.nbytes()).sum()
+    }
+
+    /// Makes room for one more column and describes the step: each row's rotary offset and,
+    /// when rows are padded, the attention mask over columns `[0, idx]`.
+    pub fn begin_step(&mut self) -> Result<StepLayout> {
+        if self.idx + 1 > self.capacity() {
+            for l in &mut self.layers {
+                let grow = |a: &Array| -> Result<Array> {
+                    let mut shape = a.shape();
+                    shape[2] = STEP;
+                    Ok(mlx::concatenate(&[a, &Array::zeros(&shape, a.dtype())?], 2)?)
+                };
+                l.keys = grow(&l.keys)?;
+                l.values = grow(&l.values)?;
+            }
+        }
+        let rows = self.pads.len();
+        let first = self.pads.first().copied().unwrap_or(0);
+        let same = self.pads.iter().all(|&p| p == first);
+        let offsets = if same {
+            None
+        } else {
+            let o: Vec<i32> = self.pads.iter().map(|p| self.idx - p).collect();
+            Some(Array::from_slice(&o, &[rows as i32])?)
+        };
+        let mask = if self.pads.iter().all(|&p| p == 0) {
+            None
+        } else {
+            let cols = (self.idx + 1) as usize;
+            let mut m = Vec::with_capacity(rows * cols);
+            for &p in &self.pads {
+                m.extend((0..cols).map(|c| c as i32 >= p));
+            }
+            Some(Array::from_slice(&m, &[rows as i32, 1, 1, cols as i32])?)
+        };
+        Ok(StepLayout { offsets, offset: self.idx - first, mask })
+    }
+
+    /// Writes one new position of every row (`[rows, kv_heads, 1, head_dim]`) into `layer` at
+    /// the current column and returns every column so far.
+    pub fn update(&mut self, layer: usize, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let idx = self.idx;
+        let l = self.layers.get_mut(layer).ok_or_else(|| EngineError::invalid("batch cache: no such layer"))?;
+        let put = |buf: &Array, new: &Array| -> Result<Array> {
+            let mut start = vec![0; 4];
+            let mut stop = buf.shape();
+            start[2] = idx;
+            stop[2] = idx + 1;
+            Ok(buf.slice_update(new, &start, &stop)?)
+        };
+        l.keys = put(&l.keys, keys)?;
+        l.values = put(&l.values, values)?;
+        if idx + 1 < l.keys.dim(2) {
+            Ok((l.keys.slice_axis(2, 0, idx + 1)?, l.values.slice_axis(2, 0, idx + 1)?))
+        } else {
+            Ok((l.keys.clone(), l.values.clone()))
+        }
+    }
+
+    /// Ends a step: every row has one more position.
+    pub fn end_step(&mut self) {
+        self.idx += 1;
+    }
+}
+
+/// The decode batch of one model: its cache, which sequence each row holds, and the next
+/// step's input tokens.
+#[derive(Default)]
+pub struct Batch {
+    cache: BatchCache,
+    /// The caller's key of each row's sequence.
+    keys: Vec<u64>,
+    /// One input token per row for the next step (`[rows]` uint32, lazy).
+    inputs: Option<Array>,
+}
+
+/// The lazy result of one batched step.
+pub struct BatchStep {
+    /// The sampled token of every row, `[rows]` uint32.
+    pub tokens: Array,
+    /// Log-probabilities every row's token was drawn from, `[rows, vocab]`.
+    pub logprobs: Array,
+    /// Row `i`'s sequence key and which of its output tokens this is.
+    pub rows: Vec<(u64, usize)>,
+}
+
+impl BatchStep {
+    /// The log-probability of each row's sampled token, `[rows]` float32 (lazy).
+    pub fn token_logprobs(&self) -> Result<Array> {
+        let idx = self.tokens.reshape(&[-1, 1])?;
+        Ok(self.logprobs.take_along_axis(&idx, 1)?.reshape(&[-1])?.astype(Dtype::Float32)?)
+    }
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// The sequence keys of the rows, in row order.
+    pub fn keys(&self) -> &[u64] {
+        &self.keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Bytes of KV cache the batch holds.
+    pub fn nbytes(&self) -> usize {
+        self.cache.nbytes()
+    }
+
+    /// Positions row `key` holds.
+    pub fn len_of(&self, key: u64) -> Option<i32> {
+        let i = self.keys.iter().position(|&k| k == key)?;
+        Some(self.cache.idx - self.cache.pads[i])
+    }
+
+    /// Removes the rows of `gone`. For the keys `keep_kv` accepts, the row's keys and values are
+    /// returned as a cache of their own (copied out of the batch's buffers).
+    pub fn remove(&mut self, gone: &[u64], keep_kv: impl Fn(u64) -> bool) -> Result<Vec<(u64, KvCache)>> {
+        let mut out = Vec::new();
+        if gone.is_empty() {
+            return Ok(out);
+        }
+        for (i, &key) in self.keys.iter().enumerate() {
+            if gone.contains(&key) && keep_kv(key) && self.cache.idx > self.cache.pads[i] {
+                out.push((key, self.row_kv(i)?));
+            }
+        }
+        let kept: Vec<usize> = (0..self.keys.len()).filter(|&i| !gone.contains(&self.keys[i])).collect();
+        if kept.is_empty() {
+            *self = Batch::default();
+            return Ok(out);
+        }
+        let c = &mut self.cache;
+        let trim = kept.iter().map(|&i| c.pads[i]).min().unwrap_or(0);
+        let index: Vec<i32> = kept.iter().map(|&i| i as i32).collect();
+        let index = Array::from_slice(&index, &[index.len() as i32])?;
+        for l in &mut c.layers {
+            let cut = |a: &Array| -> Result<Array> {
+                let a = if trim > 0 { a.slice_axis(2, trim, a.dim(2))? } else { a.clone() };
+                Ok(a.take(&index, 0)?)
+            };
+            l.keys = cut(&l.keys)?;
+            l.values = cut(&l.values)?;
+        }
+        c.idx -= trim;
+        c.pads = kept.iter().map(|&i| c.pads[i] - trim).collect();
+        self.keys = kept.iter().map(|&i| self.keys[i]).collect();
+        if let Some(inputs) = &self.inputs {
+            self.inputs = Some(inputs.take(&index, 0)?);
+        }
+        Ok(out)
+    }
+
+    /// Row `i`'s filled positions as a cache of its own (a copy of the row).
+    fn row_kv(&self, i: usize) -> Result<KvCache> {
+        let c = &self.cache;
+        let index = Array::from_slice(&[i as i32], &[1])?;
+        let mut layers = Vec::with_capacity(c.layers.len());
+        for l in &c.layers {
+            let row = |a: &Array| -> Result<Array> { Ok(a.take(&index, 0)?.slice_axis(2, c.pads[i], c.idx)?) };
+            layers.push(LayerCache::from_arrays(row(&l.keys)?, row(&l.values)?));
+        }
+        Ok(KvCache { layers })
+    }
+}
+
+impl Model {
+    /// Moves sequences whose prompts are prefilled into `batch` (`key` names each one's row).
+    /// Each sequence's own cache is copied into its row and handed back, in order (for a prefix
+    /// cache; dropping it frees it).
+    pub fn join(&self, batch: &mut Batch, seqs: Vec<(u64, &mut Sequence)>) -> Result<Vec<KvCache>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if seqs.iter().any(|(_, s)| s.needs_prefill()) {
+            return Err(EngineError::invalid("join: a sequence still needs prefill"));
+        }
+        let t = &self.transformer;
+        let (kv_heads, head_dim, dtype) = (t.config.kv_heads(), t.spec.head_dim, t.dtype());
+        let c = &mut batch.cache;
+        let lens: Vec<i32> = seqs.iter().map(|(_, s)| s.cached_tokens()).collect();
+        let target = lens.iter().copied().max().unwrap_or(0).max(c.idx);
+        let shift = if batch.keys.is_empty() { 0 } else { target - c.idx };
+        let old_cap = c.capacity();
+        let capacity = ((old_cap + shift).max(target + 1) + STEP - 1) / STEP * STEP;
+        let zeros = |rows: i32, cols: i32| Array::zeros(&[rows, kv_heads, cols, head_dim], dtype);
+        let rows_before = batch.keys.len() as i32;
+        let mut layers = Vec::with_capacity(t.num_layers());
+        for layer in 0..t.num_layers() {
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            if let Some(l) = c.layers.get(layer) {
+                let widen = |a: &Array| -> Result<Array> {
+                    let mut parts = Vec::new();
+                    if shift > 0 {
+                        parts.push(zeros(rows_before, shift)?);
+                    }
+                    parts.push(a.clone());
+                    if capacity > old_cap + shift {
+                        parts.push(zeros(rows_before, capacity - old_cap - shift)?);
+                    }
+                    concat(parts, 2)
+                };
+                keys.push(widen(&l.keys)?);
+                values.push(widen(&l.values)?);
+            }
+            for ((_, s), &n) in seqs.iter().zip(&lens) {
+                let filled = s.cache_layer(layer).filled()?;
+                let row = |part: Option<&Array>| -> Result<Array> {
+                    let mut parts = Vec::new();
+                    if target > n {
+                        parts.push(zeros(1, target - n)?);
+                    }
+                    if let Some(p) = part {
+                        parts.push(p.astype(dtype)?);
+                    }
+                    parts.push(zeros(1, capacity - target)?);
+                    concat(parts, 2)
+                };
+                keys.push(row(filled.as_ref().map(|f| &f.0))?);
+                values.push(row(filled.as_ref().map(|f| &f.1))?);
+            }
+            layers.push(Layer { keys: concat(keys, 0)?, values: concat(values, 0)? });
+        }
+        c.layers = layers;
+        for p in &mut c.pads {
+            *p += shift;
+        }
+        c.pads.extend(lens.iter().map(|&n| target - n));
+        c.idx = target;
+        let mut inputs: Vec<Array> = batch.inputs.take().into_iter().collect();
+        let mut caches = Vec::with_capacity(seqs.len());
+        for (key, s) in seqs {
+            inputs.push(s.first_input()?);
+            caches.push(s.take_cache());
+            batch.keys.push(key);
+        }
+        batch.inputs = Some(concat(inputs, 0)?);
+        Ok(caches)
+    }
+
+    /// One decode step for every row of `batch`: `seqs` are the rows' sequences in row order.
+    /// Returns the lazy tokens; the next step feeds them without waiting for their values.
+    pub fn decode_batch(&self, batch: &mut Batch, seqs: &mut [&mut Sequence]) -> Result<BatchStep> {
+        if seqs.len() != batch.keys.len() || seqs.is_empty() {
+            return Err(EngineError::invalid("decode_batch: one sequence per row is needed"));
+        }
+        let inputs = batch.inputs.clone().ok_or_else(|| EngineError::invalid("decode_batch: no inputs"))?;
+        let rows = seqs.len() as i32;
+        // A repetition penalty needs each row's previous token in its history.
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if s.needs_history() {
+                let t = inputs.slice_axis(0, i as i32, i as i32 + 1)?.item::<u32>()?;
+                s.accept_input(t);
+            }
+        }
+        let ids = inputs.reshape(&[rows, 1])?;
+        let logits = self.transformer.forward_batch(&ids, &mut batch.cache)?;
+        let logprobs = logits.subtract(&logits.logsumexp(-1, true)?)?;
+        let mut logprobs = logprobs;
+        let mut tokens = logprobs.argmax(-1, false)?.astype(Dtype::Uint32)?;
+        let mut out_rows = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let index = s.next_index();
+            if !s.batch_greedy() {
+                // Sampling, or a penalty changing the logits: this row on its own.
+                let r = i as i32;
+                let Sampled { token, logprobs: row_lp, .. } = s.sample_row(&logits.slice_axis(0, r, r + 1)?)?;
+                tokens = tokens.slice_update(&token.reshape(&[1])?, &[r], &[r + 1])?;
+                let vocab = logprobs.dim(1);
+                logprobs = logprobs.slice_update(&row_lp.reshape(&[1, vocab])?, &[r, 0], &[r + 1, vocab])?;
+            }
+            out_rows.push((batch.keys[i], index));
+        }
+        batch.inputs = Some(tokens.clone());
+        Ok(BatchStep { tokens, logprobs, rows: out_rows })
+    }
+}
+
+fn concat(parts: Vec<Array>, axis: i32) -> Result<Array> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one part"));
+    }
+    let refs: Vec<&Array> = parts.iter().collect();
+    Ok(mlx::concatenate(&refs, axis)?)
+}
