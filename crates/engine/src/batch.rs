@@ -168,6 +168,10 @@ impl Batch {
         &self.keys
     }
 
+    pub fn contains(&self, key: u64) -> bool {
+        self.keys.contains(&key)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -194,6 +198,12 @@ impl Batch {
             if gone.contains(&key) && keep_kv(key) && self.cache.idx > self.cache.pads[i] {
                 out.push((key, self.row_kv(i)?));
             }
+        }
+        // Copied out now, before the next step writes the buffers (a pending copy would keep
+        // the old buffers alive and make the write copy them).
+        let copies: Vec<&Array> = out.iter().flat_map(|(_, kv)| kv.layers.iter().flat_map(|l| l.state())).collect();
+        if !copies.is_empty() {
+            mlx::async_eval(&copies)?;
         }
         let kept: Vec<usize> = (0..self.keys.len()).filter(|&i| !gone.contains(&self.keys[i])).collect();
         if kept.is_empty() {

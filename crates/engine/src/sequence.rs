@@ -52,6 +52,11 @@ impl Sequence {
         self.prefilled + 1 < self.prompt.len()
     }
 
+    /// Prompt tokens in the cache (or fed to the model).
+    pub fn prefilled(&self) -> usize {
+        self.prefilled
+    }
+
     /// Tokens in the cache.
     pub fn cached_tokens(&self) -> i32 {
         self.cache.offset()
@@ -175,6 +180,43 @@ impl Model {
         seq.cache.eval()?;
         seq.prefilled += n;
         Ok(n)
+    }
+
+    /// Prefills the next prompt tokens of several sequences in one forward pass, `budget` tokens
+    /// at most in all (oldest first, the first one always gets at least one), and evaluates their
+    /// caches. Returns the tokens each one processed.
+    pub fn prefill_chunks(&self, seqs: &mut [&mut Sequence], budget: usize) -> Result<Vec<usize>> {
+        let mut left = budget.max(1);
+        let mut counts = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let n = if s.needs_prefill() { (s.prompt.len() - 1 - s.prefilled).min(left) } else { 0 };
+            left -= n;
+            counts.push(n);
+        }
+        let mut ids = Vec::with_capacity(budget);
+        for (s, &n) in seqs.iter().zip(&counts) {
+            ids.extend_from_slice(&s.prompt[s.prefilled..s.prefilled + n]);
+        }
+        if ids.is_empty() {
+            return Ok(counts);
+        }
+        let ids = Array::from_slice(&ids, &[1, ids.len() as i32])?;
+        {
+            let mut segments: Vec<Segment<'_>> = seqs
+                .iter_mut()
+                .zip(&counts)
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, &n)| Segment { cache: &mut s.cache, len: n as i32 })
+                .collect();
+            self.transformer.forward(&ids, &mut segments, false)?;
+        }
+        let arrays: Vec<&Array> =
+            seqs.iter().zip(&counts).filter(|(_, n)| **n > 0).flat_map(|(s, _)| s.cache.layers.iter().flat_map(|l| l.state())).collect();
+        mlx::eval(&arrays)?;
+        for (s, &n) in seqs.iter_mut().zip(&counts) {
+            s.prefilled += n;
+        }
+        Ok(counts)
     }
 
     /// One decode step for sequences whose prompts are prefilled, in one forward pass: feeds each

@@ -428,20 +428,39 @@ impl Scheduler {
         self.shared.steps.fetch_add(1, Relaxed);
     }
 
-    /// One chunk of the oldest prompt still prefilling, so a long prompt delays the running
-    /// streams by one chunk per step rather than by its whole length.
+    /// One chunk of prompt tokens (`prefill_chunk` at most), from the oldest prompts still
+    /// prefilling of one model, in one forward pass: a long prompt delays the running streams by
+    /// one chunk per step rather than by its whole length, and many short prompts start together.
     fn prefill_one_chunk(&mut self) {
-        let Some(r) = self.running.iter_mut().find(|r| r.done.is_none() && r.seq.needs_prefill()) else {
+        let Some(model) = self.running.iter().find(|r| r.done.is_none() && r.seq.needs_prefill()).map(|r| r.model.clone())
+        else {
             return;
         };
-        let Some(loaded) = self.models.get(&r.model) else {
+        let Some(loaded) = self.models.get(&model) else {
             return;
         };
-        match loaded.model.prefill_chunk(&mut r.seq, self.config.prefill_chunk) {
-            Ok(n) => {
-                self.shared.prefilled_tokens.fetch_add(n as u64, Relaxed);
+        let mut group: Vec<&mut Request> = Vec::new();
+        let mut tokens = 0;
+        for r in self.running.iter_mut().filter(|r| r.model == model && r.done.is_none() && r.seq.needs_prefill()) {
+            if tokens >= self.config.prefill_chunk {
+                break;
             }
-            Err(e) => r.end(FinishReason::Error, Some(failure(&e))),
+            tokens += r.seq.prompt().len() - 1 - r.seq.prefilled();
+            group.push(r);
+        }
+        let result = {
+            let mut seqs: Vec<&mut Sequence> = group.iter_mut().map(|r| &mut r.seq).collect();
+            loaded.model.prefill_chunks(&mut seqs, self.config.prefill_chunk)
+        };
+        match result {
+            Ok(counts) => {
+                self.shared.prefilled_tokens.fetch_add(counts.iter().sum::<usize>() as u64, Relaxed);
+            }
+            Err(e) => {
+                for r in group {
+                    r.end(FinishReason::Error, Some(failure(&e)));
+                }
+            }
         }
     }
 
@@ -617,12 +636,51 @@ impl Scheduler {
                 i += 1;
             }
         }
+        self.leave_batches(&ended);
         let (done, kept): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|r| r.done.is_some());
         self.queue = kept.into();
         // Keep the running order by arrival, so prefill stays first come, first served.
         self.running.sort_by_key(|r| r.key);
         for r in ended.into_iter().chain(done) {
             self.finish(r);
+        }
+    }
+
+    /// Takes the rows of ended requests out of their models' batches; the keys and values of
+    /// those that did not fail go to the prefix cache with the tokens they hold.
+    fn leave_batches(&mut self, ended: &[Request]) {
+        let caching = self.config.prefix_cache_bytes > 0;
+        let mut failed = Vec::new();
+        for (name, loaded) in &mut self.models {
+            let gone: Vec<&Request> = ended.iter().filter(|r| &r.model == name && loaded.batch.contains(r.key)).collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let keys: Vec<u64> = gone.iter().map(|r| r.key).collect();
+            let keep = |k: u64| {
+                caching && gone.iter().any(|r| r.key == k && !matches!(r.done, Some((FinishReason::Error, _))))
+            };
+            match loaded.batch.remove(&keys, keep) {
+                Ok(left) => {
+                    for (key, kv) in left {
+                        let Some(r) = gone.iter().find(|r| r.key == key) else { continue };
+                        if let Some(tokens) = r.seq.history().get(..kv.offset().max(0) as usize) {
+                            loaded.prefix.insert(tokens.to_vec(), kv);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, error = %e, "leaving the batch failed");
+                    failed.push((name.clone(), loaded.batch.keys().to_vec(), e));
+                    loaded.batch = Batch::new();
+                }
+            }
+        }
+        // The rows still in a failed batch lost their keys and values.
+        for (model, keys, e) in failed {
+            for r in self.running.iter_mut().filter(|r| r.model == model && keys.contains(&r.key)) {
+                r.end(FinishReason::Error, Some(failure(&e)));
+            }
         }
     }
 

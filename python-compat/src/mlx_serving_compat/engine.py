@@ -34,11 +34,11 @@ log = logging.getLogger("mlx_serving_compat")
 MAX_TOP_LOGPROBS = 20
 
 
-@dataclass
 # The figures of a prefix cache, for a worker without one.
 NO_PREFIX_CACHE = {"hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0, "entries": 0, "bytes": 0}
 
 
+@dataclass
 class Limits:
     max_sequences: int = 32
     max_queue: int = 256
