@@ -72,10 +72,10 @@ impl ResponseCache {
         Some(entry.generation.clone())
     }
 
-    /// Stores a complete answer, evicting the least recently used ones to make room. An answer
-    /// larger than the whole cache is not stored.
-    pub fn insert(&self, key: String, generation: Arc<Generation>) {
-        let bytes = key.len() + generation.bytes() + ENTRY_BYTES;
+    /// Stores a complete answer whose events take `events_bytes`, evicting the least recently
+    /// used ones to make room. An answer larger than the whole cache is not stored.
+    pub fn insert(&self, key: String, generation: Arc<Generation>, events_bytes: usize) {
+        let bytes = key.len() + events_bytes + ENTRY_BYTES;
         if bytes > self.max_bytes {
             return;
         }
@@ -169,6 +169,11 @@ mod tests {
         Generation::complete(items)
     }
 
+    fn put(cache: &ResponseCache, key: &str, g: Arc<Generation>) {
+        let bytes = g.bytes();
+        cache.insert(key.into(), g, bytes);
+    }
+
     async fn tokens_of(g: Arc<Generation>) -> usize {
         let mut s = Subscriber::replay(g);
         let mut n = 0;
@@ -184,7 +189,7 @@ mod tests {
     async fn a_hit_replays_the_stored_answer() {
         let cache = ResponseCache::new(1 << 20, Duration::from_secs(60));
         assert!(cache.get("k").is_none());
-        cache.insert("k".into(), answer(5));
+        put(&cache, "k", answer(5));
         let hit = cache.get("k").expect("stored");
         assert_eq!(tokens_of(hit).await, 5);
         assert!(cache.get("other").is_none());
@@ -196,9 +201,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_the_ttl_from_when_they_were_stored() {
         let cache = ResponseCache::new(1 << 20, Duration::from_secs(10));
-        cache.insert("a".into(), answer(1));
+        put(&cache, "a", answer(1));
         tokio::time::advance(Duration::from_secs(6)).await;
-        cache.insert("b".into(), answer(1));
+        put(&cache, "b", answer(1));
         // A hit does not extend the time to live.
         assert!(cache.get("a").is_some());
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -208,14 +213,14 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(cache.stats(), CacheStats::default());
         // Stored again after expiring, it lives again.
-        cache.insert("a".into(), answer(1));
+        put(&cache, "a", answer(1));
         assert!(cache.get("a").is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_zero_ttl_keeps_entries_until_evicted() {
         let cache = ResponseCache::new(1 << 20, Duration::ZERO);
-        cache.insert("a".into(), answer(1));
+        put(&cache, "a", answer(1));
         tokio::time::advance(Duration::from_secs(365 * 86400)).await;
         assert!(cache.get("a").is_some());
     }
@@ -226,12 +231,12 @@ mod tests {
         // Room for three answers of this size, not four.
         let cache = ResponseCache::new(one * 3 + one / 2, Duration::ZERO);
         for k in ["a", "b", "c"] {
-            cache.insert(k.into(), answer(10));
+            put(&cache, k, answer(10));
         }
         assert_eq!(cache.stats(), CacheStats { entries: 3, bytes: one * 3 });
         // `a` was used lately, so `b` is the least recently used.
         assert!(cache.get("a").is_some());
-        cache.insert("d".into(), answer(10));
+        put(&cache, "d", answer(10));
         assert!(cache.get("b").is_none(), "the least recently used was evicted");
         for k in ["a", "c", "d"] {
             assert!(cache.get(k).is_some(), "{k}");
@@ -242,16 +247,16 @@ mod tests {
         let big = 1 + answer(25).bytes() + ENTRY_BYTES;
         assert!(big < one * 3 && big > one * 2);
         assert!(cache.get("a").is_some());
-        cache.insert("e".into(), answer(25));
+        put(&cache, "e", answer(25));
         assert!(cache.get("c").is_none() && cache.get("d").is_none());
         assert!(cache.get("e").is_some());
         assert_eq!(cache.stats(), CacheStats { entries: 2, bytes: one + big });
         // Storing a key again replaces it, it is not counted twice.
-        cache.insert("e".into(), answer(25));
+        put(&cache, "e", answer(25));
         assert_eq!(cache.stats(), CacheStats { entries: 2, bytes: one + big });
         // An answer bigger than the whole cache is not stored, and evicts nothing.
         let before = cache.stats();
-        cache.insert("huge".into(), answer(200));
+        put(&cache, "huge", answer(200));
         assert!(cache.get("huge").is_none());
         assert_eq!(cache.stats(), before);
     }

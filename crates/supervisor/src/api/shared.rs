@@ -43,6 +43,8 @@ pub struct Generation {
 
 struct State {
     events: Vec<StreamItem>,
+    /// About how many bytes the events take.
+    bytes: usize,
     done: bool,
     /// Subscribers reading it live.
     subscribers: usize,
@@ -53,7 +55,7 @@ struct State {
 impl Generation {
     fn new(priority: Priority) -> Generation {
         Generation {
-            state: Mutex::new(State { events: Vec::new(), done: false, subscribers: 1, abandoned: false }),
+            state: Mutex::new(State { events: Vec::new(), bytes: 0, done: false, subscribers: 1, abandoned: false }),
             grown: Notify::new(),
             cancel: CancellationToken::new(),
             priority,
@@ -66,6 +68,7 @@ impl Generation {
         let g = Generation::new(Priority::Default);
         {
             let mut s = g.lock();
+            s.bytes = events.iter().map(item_bytes).sum();
             s.events = events;
             s.done = true;
             s.subscribers = 0;
@@ -88,19 +91,31 @@ impl Generation {
     }
 
     fn push(&self, item: StreamItem) {
-        self.lock().events.push(item);
+        let mut s = self.lock();
+        s.bytes += item_bytes(&item);
+        s.events.push(item);
+        drop(s);
         self.grown.notify_waiters();
     }
 
-    /// Marks the end; returns whether the generation completed (a final event with
-    /// finish_reason `stop` or `length`).
-    fn finish(&self) -> bool {
+    /// Adds the last event, if any, and marks the end. When the generation completed (a final
+    /// event with finish_reason `stop` or `length`), `store` gets its size in bytes before any
+    /// subscriber can see the end, so a twin that arrives once a subscriber has it finds it
+    /// stored. Returns whether it completed.
+    fn end(&self, last: Option<StreamItem>, store: impl FnOnce(usize)) -> bool {
         let mut s = self.lock();
+        if let Some(item) = last {
+            s.bytes += item_bytes(&item);
+            s.events.push(item);
+        }
         s.done = true;
         let complete = matches!(
             s.events.last(),
             Some(Ok(PoolEvent::Event(GenerateEvent::Final(f)))) if matches!(f.finish_reason, FinishReason::Stop | FinishReason::Length)
         );
+        if complete {
+            store(s.bytes);
+        }
         drop(s);
         self.grown.notify_waiters();
         complete
@@ -108,7 +123,7 @@ impl Generation {
 
     /// About how many bytes the events take in memory.
     pub fn bytes(&self) -> usize {
-        self.lock().events.iter().map(item_bytes).sum()
+        self.lock().bytes
     }
 }
 
@@ -305,25 +320,25 @@ impl Hub {
     /// Moves the pool's events into the generation until the end, or until every subscriber
     /// left (dropping the pool's stream then cancels the request on its worker).
     async fn drive(self: Arc<Self>, key: String, generation: Arc<Generation>, mut rx: mpsc::Receiver<StreamItem>) {
-        loop {
+        let last = loop {
             let item = tokio::select! {
                 biased;
-                _ = generation.cancel.cancelled() => break,
+                _ = generation.cancel.cancelled() => break None,
                 item = rx.recv() => item,
             };
-            let Some(item) = item else { break };
-            let last = matches!(item, Err(_) | Ok(PoolEvent::Event(GenerateEvent::Final(_))));
-            generation.push(item);
-            if last {
-                break;
+            let Some(item) = item else { break None };
+            if matches!(item, Err(_) | Ok(PoolEvent::Event(GenerateEvent::Final(_)))) {
+                break Some(item);
             }
-        }
+            generation.push(item);
+        };
         drop(rx);
-        let complete = generation.finish();
         // Into the cache before it leaves the running ones, so a twin arriving now finds it.
-        if complete && let Some(cache) = &self.cache {
-            cache.insert(key.clone(), generation.clone());
-        }
+        generation.end(last, |bytes| {
+            if let Some(cache) = &self.cache {
+                cache.insert(key.clone(), generation.clone(), bytes);
+            }
+        });
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.get(&key).is_some_and(|g| Arc::ptr_eq(g, &generation)) {
             running.remove(&key);
@@ -408,8 +423,7 @@ mod tests {
             got
         });
         generation.push(token(2));
-        generation.push(final_event(FinishReason::Length));
-        assert!(generation.finish());
+        assert!(generation.end(Some(final_event(FinishReason::Length)), |_| {}));
         let got = waiting.await.unwrap();
         assert_eq!(got, vec![Ok(PoolEvent::Started), token(1), token(2), final_event(FinishReason::Length)]);
         assert_eq!(first.recv().await, Some(token(1)));
@@ -442,11 +456,14 @@ mod tests {
         {
             let g = Generation::new(Priority::Default);
             g.push(token(1));
-            g.push(final_event(reason));
-            assert_eq!(g.finish(), complete, "{reason:?}");
+            let mut stored = None;
+            assert_eq!(g.end(Some(final_event(reason)), |bytes| stored = Some(bytes)), complete, "{reason:?}");
+            assert_eq!(stored, complete.then(|| g.bytes()), "{reason:?}");
         }
         let g = Generation::new(Priority::Default);
-        g.push(Err(crate::PoolError::Overloaded));
-        assert!(!g.finish());
+        assert!(!g.end(Some(Err(crate::PoolError::Overloaded)), |_| panic!("an error is not stored")));
+        let g = Generation::new(Priority::Default);
+        g.push(token(1));
+        assert!(!g.end(None, |_| panic!("a stream that stopped short is not stored")));
     }
 }
