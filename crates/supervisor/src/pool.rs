@@ -147,6 +147,8 @@ struct Want<'a> {
     model: &'a str,
     /// Keys of its prompt's prefixes (`prefix::keys`); empty when prefix affinity is off.
     prefix: &'a [u64],
+    /// How many keys a worker's memory holds (`pool.prefix_affinity_keys`).
+    prefix_capacity: usize,
     priority: Priority,
     /// It was on a worker that died before producing a token for it.
     suspect: bool,
@@ -409,11 +411,8 @@ impl Pool {
         // Workers that died with this request on them.
         let mut deaths = 0u32;
         let retry_config = *self.budget.config();
-        let prefix = if self.config().pool.prefix_affinity_keys > 0 {
-            crate::prefix::keys(&request.model, &request.prompt)
-        } else {
-            Vec::new()
-        };
+        let prefix_capacity = self.config().pool.prefix_affinity_keys;
+        let prefix = if prefix_capacity > 0 { crate::prefix::keys(&request.model, &request.prompt) } else { Vec::new() };
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
         let mut attempts = 0u32;
@@ -423,7 +422,7 @@ impl Pool {
             let wait = resuming.then_some(resume_wait);
             let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
             let suspect = deaths > 0;
-            let want = Want { model: &request.model, prefix: &prefix, priority, suspect };
+            let want = Want { model: &request.model, prefix: &prefix, prefix_capacity, priority, suspect };
             let (slot, conn, guard) = match self.choose(&want, &key, &exclude, wait).await {
                 Ok(choice) => choice,
                 Err(e) if resuming => {
@@ -748,9 +747,8 @@ impl Pool {
                         // Counted against the worker before the next in line looks.
                         let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, want.suspect, &self.changed);
                         if !want.prefix.is_empty() {
-                            let capacity = self.config().pool.prefix_affinity_keys;
                             let mut s = slot.lock();
-                            s.prefixes.set_capacity(capacity);
+                            s.prefixes.set_capacity(want.prefix_capacity);
                             s.prefixes.remember(want.prefix);
                         }
                         if by_prefix {
@@ -808,9 +806,10 @@ impl Pool {
             }
             let prefix = s.prefixes.longest(want.prefix);
             drop(s);
-            eligible.push((slot, conn, Candidate { id: 0, load, prefix }));
+            eligible.push((slot, conn, load, prefix));
         }
-        let mut candidates: Vec<Candidate> = eligible.iter().map(|(s, _, c)| Candidate { id: s.id, ..c.clone() }).collect();
+        let mut candidates: Vec<Candidate> =
+            eligible.iter().map(|(s, _, load, prefix)| Candidate { id: s.id, load: *load, prefix: *prefix }).collect();
         let slack = config.pool.prefix_affinity_slack;
         while !candidates.is_empty() {
             let picked = {
@@ -818,7 +817,7 @@ impl Pool {
                 pick(&candidates, slack, &mut *rng)
             };
             let Some(Picked { id, by_prefix }) = picked else { break };
-            let Some((slot, conn, _)) = eligible.iter().find(|(s, _, _)| s.id == id) else { break };
+            let Some((slot, conn, ..)) = eligible.iter().find(|(s, ..)| s.id == id) else { break };
             if slot.lock().breaker.try_acquire(now) {
                 return Pick::Chosen { slot: slot.clone(), conn: conn.clone(), by_prefix };
             }
