@@ -285,3 +285,52 @@ def test_metrics_parse_and_list_every_documented_metric(server):
     # The parser drops the _total suffix of counters.
     missing = sorted(n for n in names if n not in families and n.removesuffix("_total") not in families)
     assert not missing, missing
+
+
+def test_identical_greedy_requests_at_once_get_the_same_answer(server):
+    kw = dict(model="m", messages=[{"role": "user", "content": "All together now."}], max_tokens=16, temperature=0)
+    results, lock = [], threading.Lock()
+
+    def call(stream):
+        c = client(server)
+        if stream:
+            chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            usage = chunks[-1].usage.completion_tokens
+        else:
+            r = c.chat.completions.create(**kw)
+            text, usage = r.choices[0].message.content, r.usage.completion_tokens
+        with lock:
+            results.append((text, usage))
+
+    threads = [threading.Thread(target=call, args=(i % 2 == 0,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and len(set(results)) == 1, results
+    assert results[0][1] == 16
+
+
+def test_the_response_cache_answers_repeats_with_x_cache(make_server):
+    s = make_server(workers=1, http="[http.response_cache]\nenabled = true")
+    c = client(s)
+    kw = dict(model="m", messages=[{"role": "user", "content": "Cache me."}], max_tokens=8, temperature=0)
+    first = c.chat.completions.with_raw_response.create(**kw)
+    assert first.headers["x-cache"] == "miss"
+    again = c.chat.completions.with_raw_response.create(**kw)
+    assert again.headers["x-cache"] == "hit"
+    text = first.parse().choices[0].message.content
+    assert again.parse().choices[0].message.content == text
+    assert again.parse().usage.completion_tokens == 8
+    streamed = c.chat.completions.with_raw_response.create(**kw, stream=True)
+    assert streamed.headers["x-cache"] == "hit"
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed.parse() if ch.choices) == text
+    sampled = c.chat.completions.with_raw_response.create(**{**kw, "temperature": 0.9})
+    assert sampled.headers["x-cache"] == "miss"
+    status, text, _ = s.get("/metrics")
+    values = {(x.name, tuple(sorted(x.labels.items()))): x.value
+              for f in text_string_to_metric_families(text) for x in f.samples}
+    assert values[("mlx_response_cache_hits_total", ())] == 2
+    assert values[("mlx_response_cache_misses_total", ())] == 1
+    assert values[("mlx_response_cache_entries", ())] == 1

@@ -88,6 +88,31 @@ pub struct HttpConfig {
     pub rate_limit_per_s: f64,
     /// Requests an API key may make at once before the rate applies.
     pub rate_limit_burst: u32,
+    /// Identical deterministic requests (temperature 0, or the same explicit seed, and the same
+    /// model, prompt and parameters) that arrive while one of them runs share its generation:
+    /// each gets the whole stream from the start, and the generation stops only when every one
+    /// of them went away.
+    pub coalesce: bool,
+    pub response_cache: ResponseCacheConfig,
+}
+
+/// A cache of complete answers to deterministic requests (`[http.response_cache]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseCacheConfig {
+    /// Answer a deterministic request that was answered before from the cache, and mark every
+    /// answer `x-cache: hit` or `x-cache: miss`.
+    pub enabled: bool,
+    /// Bytes the stored answers (with their keys) may take; the least recently used go first.
+    pub max_bytes: usize,
+    /// Seconds an answer stays in the cache after it was stored; 0 keeps it until it is evicted.
+    pub ttl_s: u64,
+}
+
+impl Default for ResponseCacheConfig {
+    fn default() -> Self {
+        ResponseCacheConfig { enabled: false, max_bytes: 64 << 20, ttl_s: 600 }
+    }
 }
 
 impl Default for HttpConfig {
@@ -103,6 +128,8 @@ impl Default for HttpConfig {
             sse_keep_alive_s: 15,
             rate_limit_per_s: 0.0,
             rate_limit_burst: 10,
+            coalesce: true,
+            response_cache: ResponseCacheConfig::default(),
         }
     }
 }
@@ -178,6 +205,15 @@ pub struct PoolConfig {
     /// Requests sent to one worker at once; more wait in the supervisor, in priority order.
     /// 0 takes the worker's own `max_sequences`.
     pub max_in_flight_per_worker: usize,
+    /// Prefix-affinity routing: a request goes to the worker that was sent the longest prefix
+    /// of its prompt (the same first messages, or the same leading blocks of text or token
+    /// ids), where that worker's KV cache may still hold it, unless that worker has more than
+    /// this many requests beyond the least busy one. 0: a prefix only breaks ties among the
+    /// least busy workers.
+    pub prefix_affinity_slack: usize,
+    /// Prefix keys each worker's memory holds (least recently used forgotten first; all of them
+    /// when the worker restarts). 0 turns prefix affinity off.
+    pub prefix_affinity_keys: usize,
 }
 
 impl Default for PoolConfig {
@@ -204,6 +240,8 @@ impl Default for PoolConfig {
             max_queue: 512,
             max_queue_per_model: 256,
             max_in_flight_per_worker: 0,
+            prefix_affinity_slack: 2,
+            prefix_affinity_keys: 4096,
         }
     }
 }
@@ -408,6 +446,10 @@ impl Config {
         if !(self.http.rate_limit_per_s >= 0.0 && self.http.rate_limit_per_s.is_finite()) {
             return bad(format!("`http.rate_limit_per_s` must be >= 0, got {}", self.http.rate_limit_per_s));
         }
+        let cache = &self.http.response_cache;
+        if cache.enabled && cache.max_bytes == 0 {
+            return bad("`http.response_cache.max_bytes` must be at least 1 when `http.response_cache.enabled` is true".into());
+        }
         if !(0.0..=1.0).contains(&self.retry.ratio) {
             return bad(format!("`retry.ratio` must be in [0, 1], got {}", self.retry.ratio));
         }
@@ -606,6 +648,12 @@ mod tests {
         assert!(e.contains("`pool.device`") && e.contains("tpu"), "{e}");
         let e = load_text("[pool]\nmodels = [\"nope\"]\n").unwrap_err().to_string();
         assert!(e.contains("`pool.models` names `nope`"), "{e}");
+        let e = load_text("[http.response_cache]\nenabled = true\nmax_bytes = 0\n").unwrap_err().to_string();
+        assert!(e.contains("`http.response_cache.max_bytes`"), "{e}");
+        let e = load_text("[http.response_cache]\nttl = 5\n").unwrap_err().to_string();
+        assert!(e.contains("ttl") && e.contains("ttl_s"), "{e}");
+        let e = load_text("[http]\ncoalesce = \"yes\"\n").unwrap_err().to_string();
+        assert!(e.contains("coalesce") && e.contains("invalid type"), "{e}");
     }
 
     #[test]

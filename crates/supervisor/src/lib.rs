@@ -4,7 +4,8 @@
 //!   the admin API exposes (drain, restart, rolling restart, prefetch, unload, scale, reload).
 //! - [`worker`]: one slot's actor, which owns its worker process and replaces it when it dies or
 //!   hangs.
-//! - [`breaker`], [`restart`], [`retry`], [`route`]: the small state machines those use.
+//! - [`breaker`], [`restart`], [`retry`], [`route`], [`prefix`]: the small state machines those
+//!   use.
 //! - [`config`]: the TOML configuration.
 pub mod admin;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod pool;
+pub mod prefix;
 pub mod restart;
 pub mod retry;
 pub mod route;

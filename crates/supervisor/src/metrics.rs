@@ -38,6 +38,14 @@ pub fn install() -> PrometheusHandle {
             for kind in ["moved", "retried", "resumed"] {
                 counter!("mlx_retries_total", "kind" => kind).increment(0);
             }
+            counter!("mlx_prefix_routed_requests_total").increment(0);
+            counter!("mlx_coalesced_requests_total").increment(0);
+            counter!("mlx_response_cache_hits_total").increment(0);
+            counter!("mlx_response_cache_misses_total").increment(0);
+            for reason in ["lru", "ttl"] {
+                counter!("mlx_response_cache_evictions_total", "reason" => reason).increment(0);
+            }
+            cache_size(0, 0);
             handle
         })
         .clone()
@@ -83,6 +91,36 @@ pub fn rejected(model: &str, reason: &'static str) {
 /// a stream resumed on another worker (`resumed`).
 pub fn retry(kind: &'static str) {
     counter!("mlx_retries_total", "kind" => kind).increment(1);
+}
+
+/// A request was sent to a worker because it knew the longest prefix of its prompt.
+pub fn prefix_routed() {
+    counter!("mlx_prefix_routed_requests_total").increment(1);
+}
+
+/// A request joined an identical generation already running.
+pub fn coalesced() {
+    counter!("mlx_coalesced_requests_total").increment(1);
+}
+
+/// A deterministic request was answered from the response cache (`hit`) or not (`miss`).
+pub fn cache_lookup(hit: bool) {
+    if hit {
+        counter!("mlx_response_cache_hits_total").increment(1);
+    } else {
+        counter!("mlx_response_cache_misses_total").increment(1);
+    }
+}
+
+/// Answers left the response cache: `lru` to make room, `ttl` when they expired.
+pub fn cache_evicted(reason: &'static str, n: usize) {
+    counter!("mlx_response_cache_evictions_total", "reason" => reason).increment(n as u64);
+}
+
+/// What the response cache holds now.
+pub fn cache_size(bytes: usize, entries: usize) {
+    gauge!("mlx_response_cache_bytes").set(bytes as f64);
+    gauge!("mlx_response_cache_entries").set(entries as f64);
 }
 
 /// A worker died; `reason` is its class: exit, signal, hung, spawn, start.

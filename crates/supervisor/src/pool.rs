@@ -18,7 +18,7 @@ use crate::config::{Config, ms};
 use crate::error::PoolError;
 use crate::restart::{RestartPolicy, RestartTracker};
 use crate::retry::{RetryBudget, RetryConfig, retry_delay};
-use crate::route::{Candidate, InFlight, pick};
+use crate::route::{Candidate, InFlight, Picked, pick};
 use crate::status::{PoolStatus, WorkerStatus};
 use crate::worker::slot::{Conn, LoadedModel, RequestEntry, Slot, SlotContext, WorkerState};
 
@@ -75,6 +75,8 @@ pub struct Pool {
     retried: AtomicU64,
     /// Streams resumed on another worker after theirs died mid-stream.
     resumed: AtomicU64,
+    /// Requests sent to a worker because it knew the longest prefix of their prompt.
+    prefix_routed: AtomicU64,
     /// Requests in the pool (waiting or running) per model.
     per_model: Mutex<std::collections::HashMap<String, usize>>,
     /// When recent requests ended, for the drain rate behind Retry-After.
@@ -131,12 +133,25 @@ impl Priority {
 
 /// What routing found.
 enum Pick {
-    Chosen(Arc<Slot>, Arc<Conn>),
+    /// `by_prefix`: chosen for the prefix of the prompt it holds.
+    Chosen { slot: Arc<Slot>, conn: Arc<Conn>, by_prefix: bool },
     /// Workers serve the model but none has room.
     Full,
     /// No eligible worker has the model; this one may load it.
     NotLoaded(Arc<Slot>),
     Nothing,
+}
+
+/// What a request needs of a worker.
+struct Want<'a> {
+    model: &'a str,
+    /// Keys of its prompt's prefixes (`prefix::keys`); empty when prefix affinity is off.
+    prefix: &'a [u64],
+    /// How many keys a worker's memory holds (`pool.prefix_affinity_keys`).
+    prefix_capacity: usize,
+    priority: Priority,
+    /// It was on a worker that died before producing a token for it.
+    suspect: bool,
 }
 
 /// A request's place among those waiting for a worker for its model.
@@ -275,6 +290,7 @@ impl Pool {
             moved: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
+            prefix_routed: AtomicU64::new(0),
             per_model: Mutex::new(std::collections::HashMap::new()),
             finished: Mutex::new(std::collections::VecDeque::new()),
             waiting: Mutex::new(BTreeSet::new()),
@@ -395,6 +411,8 @@ impl Pool {
         // Workers that died with this request on them.
         let mut deaths = 0u32;
         let retry_config = *self.budget.config();
+        let prefix_capacity = self.config().pool.prefix_affinity_keys;
+        let prefix = if prefix_capacity > 0 { crate::prefix::keys(&request.model, &request.prompt) } else { Vec::new() };
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
         let mut attempts = 0u32;
@@ -404,7 +422,8 @@ impl Pool {
             let wait = resuming.then_some(resume_wait);
             let key = format!("{}#{}", request.id, self.next_request.fetch_add(1, Relaxed));
             let suspect = deaths > 0;
-            let (slot, conn, guard) = match self.choose(&request.model, &key, &exclude, priority, wait, suspect).await {
+            let want = Want { model: &request.model, prefix: &prefix, prefix_capacity, priority, suspect };
+            let (slot, conn, guard) = match self.choose(&want, &key, &exclude, wait).await {
                 Ok(choice) => choice,
                 Err(e) if resuming => {
                     let message = format!("the stream could not be resumed: {e}");
@@ -702,32 +721,40 @@ impl Pool {
             .count()
     }
 
-    /// Picks a worker for `model`, waiting up to the queue timeout while every worker that
-    /// serves it is at capacity. Waiting requests go in priority order, then first come first
-    /// served, per model. Loads the model on the least busy worker when no worker has it.
+    /// Picks a worker for the request, waiting up to the queue timeout while every worker that
+    /// serves its model is at capacity. Waiting requests go in priority order, then first come
+    /// first served, per model. Loads the model on the least busy worker when no worker has it.
     async fn choose(
         &self,
-        model: &str,
+        want: &Want<'_>,
         key: &str,
         exclude: &HashSet<(u64, u64)>,
-        priority: Priority,
         wait: Option<Duration>,
-        suspect: bool,
     ) -> Result<(Arc<Slot>, Arc<Conn>, RequestGuard), PoolError> {
+        let model = want.model;
         let waited = wait.unwrap_or_else(|| ms(self.config().pool.queue_timeout_ms));
         let deadline = Instant::now() + waited;
         // A request on its second worker or later does not queue again behind new arrivals.
-        let ticket = Ticket::take(self, model, priority, !exclude.is_empty());
+        let ticket = Ticket::take(self, model, want.priority, !exclude.is_empty());
         loop {
             let notified = self.changed.notified();
             if self.shutting_down.load(Relaxed) {
                 return Err(PoolError::ShuttingDown);
             }
             if ticket.is_first() {
-                match self.pick_worker(model, exclude, suspect) {
-                    Pick::Chosen(slot, conn) => {
+                match self.pick_worker(want, exclude) {
+                    Pick::Chosen { slot, conn, by_prefix } => {
                         // Counted against the worker before the next in line looks.
-                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, suspect, &self.changed);
+                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, want.suspect, &self.changed);
+                        if !want.prefix.is_empty() {
+                            let mut s = slot.lock();
+                            s.prefixes.set_capacity(want.prefix_capacity);
+                            s.prefixes.remember(want.prefix);
+                        }
+                        if by_prefix {
+                            self.prefix_routed.fetch_add(1, Relaxed);
+                            crate::metrics::prefix_routed();
+                        }
                         return Ok((slot, conn, guard));
                     }
                     Pick::NotLoaded(slot) => match self.load_on(&slot, model).await {
@@ -745,8 +772,10 @@ impl Pool {
     }
 
     /// The least busy eligible worker with the model loaded and room for one more request (for
-    /// a suspect, one with no other suspect on it).
-    fn pick_worker(&self, model: &str, exclude: &HashSet<(u64, u64)>, suspect: bool) -> Pick {
+    /// a suspect, one with no other suspect on it), or, within `pool.prefix_affinity_slack` of
+    /// it, the one that knows the longest prefix of the prompt.
+    fn pick_worker(&self, want: &Want<'_>, exclude: &HashSet<(u64, u64)>) -> Pick {
+        let (model, suspect) = (want.model, want.suspect);
         let now = Instant::now();
         let config = self.config();
         let cap_override = config.pool.max_in_flight_per_worker;
@@ -775,19 +804,22 @@ impl Pool {
                 full = true;
                 continue;
             }
+            let prefix = s.prefixes.longest(want.prefix);
             drop(s);
-            eligible.push((slot, conn, load));
+            eligible.push((slot, conn, load, prefix));
         }
         let mut candidates: Vec<Candidate> =
-            eligible.iter().map(|(s, _, load)| Candidate { id: s.id, load: *load, prefix_hit: false }).collect();
+            eligible.iter().map(|(s, _, load, prefix)| Candidate { id: s.id, load: *load, prefix: *prefix }).collect();
+        let slack = config.pool.prefix_affinity_slack;
         while !candidates.is_empty() {
-            let id = {
+            let picked = {
                 let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-                pick(&candidates, 0, &mut *rng)
+                pick(&candidates, slack, &mut *rng)
             };
-            let Some((slot, conn, _)) = id.and_then(|id| eligible.iter().find(|(s, _, _)| s.id == id)) else { break };
+            let Some(Picked { id, by_prefix }) = picked else { break };
+            let Some((slot, conn, ..)) = eligible.iter().find(|(s, ..)| s.id == id) else { break };
             if slot.lock().breaker.try_acquire(now) {
-                return Pick::Chosen(slot.clone(), conn.clone());
+                return Pick::Chosen { slot: slot.clone(), conn: conn.clone(), by_prefix };
             }
             candidates.retain(|c| c.id != slot.id);
         }
@@ -871,6 +903,7 @@ impl Pool {
             moved_requests: self.moved.load(Relaxed),
             retried_requests: self.retried.load(Relaxed),
             resumed_streams: self.resumed.load(Relaxed),
+            prefix_routed_requests: self.prefix_routed.load(Relaxed),
             models: config.models.iter().map(|m| m.name.clone()).collect(),
             shutting_down: self.shutting_down.load(Relaxed),
             workers,

@@ -17,6 +17,9 @@ pub struct PoolStatus {
     pub retried_requests: u64,
     /// Streams resumed on another worker after theirs died mid-stream, since start.
     pub resumed_streams: u64,
+    /// Requests sent to a worker because it knew the longest prefix of their prompt, since
+    /// start.
+    pub prefix_routed_requests: u64,
     /// Models in the configuration.
     pub models: Vec<String>,
     pub shutting_down: bool,
@@ -50,6 +53,8 @@ pub struct WorkerStatus {
     /// Seconds until the next start, while exited or quarantined.
     pub next_start_in_s: Option<f64>,
     pub draining: bool,
+    /// Prefix keys the supervisor remembers for this worker (prefix-affinity routing).
+    pub prefix_keys: usize,
     pub last_crash: Option<CrashRecord>,
     pub crashes: usize,
 }
@@ -91,6 +96,7 @@ impl WorkerStatus {
             restarts: s.restarts,
             next_start_in_s: s.next_start.map(|t| t.saturating_duration_since(now).as_secs_f64()),
             draining: s.drain,
+            prefix_keys: s.prefixes.len(),
             last_crash: s.crashes.back().cloned(),
             crashes: s.crashes.len(),
         }

@@ -1,8 +1,10 @@
 //! The OpenAI-compatible HTTP front: `/v1/chat/completions`, `/v1/completions` (JSON or SSE),
 //! `/v1/models`, `/health`, `/ready`, `/metrics`.
+pub mod cache;
 pub mod error;
 pub mod openai;
 pub mod ratelimit;
+pub mod shared;
 mod stream;
 
 use std::net::SocketAddr;
@@ -31,6 +33,8 @@ use openai::{Route, ValidRequest};
 
 pub struct ApiState {
     pub pool: Arc<Pool>,
+    /// Starts requests: shares identical deterministic ones, answers from the response cache.
+    pub hub: Arc<shared::Hub>,
     pub config: HttpConfig,
     pub metrics: PrometheusHandle,
     /// Whether `/metrics` is served (`metrics.enabled`).
@@ -42,7 +46,10 @@ pub struct ApiState {
 impl ApiState {
     pub fn new(pool: Arc<Pool>, config: HttpConfig, metrics: PrometheusHandle) -> ApiState {
         let limiter = (config.rate_limit_per_s > 0.0).then(|| ratelimit::RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst));
-        ApiState { pool, config, metrics, serve_metrics: true, limiter }
+        let c = &config.response_cache;
+        let cache = c.enabled.then(|| cache::ResponseCache::new(c.max_bytes, std::time::Duration::from_secs(c.ttl_s)));
+        let hub = Arc::new(shared::Hub::new(pool.clone(), config.coalesce, cache));
+        ApiState { pool, hub, config, metrics, serve_metrics: true, limiter }
     }
 }
 
@@ -155,9 +162,25 @@ async fn generate(
         Ok(r) => r,
         Err(e) => return fail("", e),
     };
-    let mut rx = state.pool.generate_with(req.generate.clone(), priority);
+    let (feed, source) = state.hub.generate(req.generate.clone(), priority);
+    let mut response = answer(&state, req, arrived, &id, feed).await;
+    if state.hub.caching() {
+        let value = if source == shared::Source::Cache { "hit" } else { "miss" };
+        response.headers_mut().insert("x-cache", HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// The answer to a request whose events come from `feed`: an error response when it was refused
+/// before a worker took it, else the JSON body or the SSE stream.
+async fn answer(state: &ApiState, req: ValidRequest, arrived: Instant, id: &str, mut feed: shared::Feed) -> Response {
+    let route = req.route;
+    let fail = |model: &str, e: ApiError| {
+        crate::metrics::request_done(route.name(), model, e.status.as_u16());
+        e.into_response()
+    };
     // Wait until a worker has taken the request, so refusals get their status code.
-    let first = match rx.recv().await {
+    let first = match feed.recv().await {
         Some(Ok(PoolEvent::Started)) => None,
         Some(Ok(PoolEvent::Event(e))) => Some(e),
         Some(Err(e)) => {
@@ -172,11 +195,11 @@ async fn generate(
         None => return fail(&req.model, ApiError::from_pool(crate::PoolError::ShuttingDown, route.prompt_param())),
     };
     crate::metrics::queue_wait(&req.model, arrived.elapsed().as_secs_f64());
-    let meta = stream::Meta::new(&req, &id, arrived);
+    let meta = stream::Meta::new(&req, id, arrived);
     if req.stream {
-        stream::sse(meta, &req, rx, first, state.config.sse_keep_alive_s).into_response()
+        stream::sse(meta, &req, feed, first, state.config.sse_keep_alive_s).into_response()
     } else {
-        complete(meta, req, rx, first).await
+        complete(meta, req, feed, first).await
     }
 }
 
@@ -184,7 +207,7 @@ async fn generate(
 async fn complete(
     mut meta: stream::Meta,
     req: ValidRequest,
-    mut rx: tokio::sync::mpsc::Receiver<crate::StreamItem>,
+    mut rx: shared::Feed,
     first: Option<GenerateEvent>,
 ) -> Response {
     let mut tokens = Vec::new();

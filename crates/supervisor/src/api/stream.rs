@@ -1,9 +1,10 @@
 //! SSE streaming in the OpenAI chunk format, and the per-request metrics both answers share.
 //!
-//! The stream reads the pool's bounded channel. When the reader falls behind, the tokens that
-//! piled up are merged into one chunk, so a slow reader costs one chunk per read, never a
-//! blocked worker. A client that goes away drops the stream, which drops the channel, which
-//! cancels the request on its worker.
+//! The stream reads its feed (the pool's bounded channel, or a shared generation). When the
+//! reader falls behind, the tokens that piled up are merged into one chunk, so a slow reader
+//! costs one chunk per read, never a blocked worker. A client that goes away drops the stream,
+//! which drops the feed, which cancels the request on its worker (a shared generation: once no
+//! request reads it any more).
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,11 +13,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use mlx_serving_protocol::{FinalEvent, GenerateEvent, TokenEvent};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::openai::{self, Route, ValidRequest};
-use crate::pool::{PoolEvent, StreamItem};
+use super::shared::Feed;
+use crate::pool::PoolEvent;
 
 /// What a request records for metrics as it goes.
 pub struct Meta {
@@ -71,7 +72,7 @@ impl Drop for Meta {
 
 struct State {
     meta: Meta,
-    rx: mpsc::Receiver<StreamItem>,
+    rx: Feed,
     /// An event read ahead while merging tokens.
     held: Option<GenerateEvent>,
     out: VecDeque<Event>,
@@ -85,7 +86,7 @@ struct State {
 pub fn sse(
     meta: Meta,
     req: &ValidRequest,
-    rx: mpsc::Receiver<StreamItem>,
+    rx: Feed,
     first: Option<GenerateEvent>,
     keep_alive_s: u64,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
@@ -146,13 +147,13 @@ impl State {
                 let mut tokens = vec![first];
                 loop {
                     match self.rx.try_recv() {
-                        Ok(Ok(PoolEvent::Event(GenerateEvent::Token(t)))) => tokens.push(t),
-                        Ok(Ok(PoolEvent::Event(other))) => {
+                        Some(Ok(PoolEvent::Event(GenerateEvent::Token(t)))) => tokens.push(t),
+                        Some(Ok(PoolEvent::Event(other))) => {
                             self.held = Some(other);
                             break;
                         }
-                        Ok(Ok(PoolEvent::Started)) => {}
-                        Ok(Err(e)) => {
+                        Some(Ok(PoolEvent::Started)) => {}
+                        Some(Err(e)) => {
                             self.push_tokens(tokens);
                             let err = ApiError::from_pool(e, self.meta.route.prompt_param());
                             self.out.push_back(Event::default().data(err.body().to_string()));
@@ -160,7 +161,7 @@ impl State {
                             self.done = true;
                             return;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 self.push_tokens(tokens);

@@ -16,6 +16,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::breaker::Breaker;
 use crate::config::{Config, ms};
+use crate::prefix::PrefixMemory;
 use crate::restart::{Decision, RestartTracker};
 use crate::worker::process::{self, Process, describe_exit};
 
@@ -107,6 +108,8 @@ pub struct SlotInner {
     pub next_start: Option<Instant>,
     /// Requests the current worker runs at once (its `max_sequences`).
     pub capacity: usize,
+    /// Prefix keys of the requests the current worker was sent lately, for affinity routing.
+    pub prefixes: PrefixMemory,
 }
 
 pub struct Slot {
@@ -169,6 +172,7 @@ impl Slot {
                 requests: BTreeMap::new(),
                 next_start: None,
                 capacity: 1,
+                prefixes: PrefixMemory::default(),
             }),
             commands: tx,
         });
@@ -469,6 +473,8 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
         s.conn = None;
         s.models.clear();
         s.heartbeat = None;
+        // The worker's KV cache went with it.
+        s.prefixes.clear();
     }
     ctx.changed.notify_waiters();
     let reason = match ended {
