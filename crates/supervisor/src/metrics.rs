@@ -190,6 +190,19 @@ pub async fn refresh(pool: Arc<Pool>, handle: PrometheusHandle, period: Duration
                     gauge!("mlx_worker_memory_bytes", "worker" => id.clone(), "kind" => kind).set(v as f64);
                 }
             }
+            if let Some(p) = w.prefix_cache {
+                let figures = [
+                    ("hits", p.hits),
+                    ("misses", p.misses),
+                    ("cached_tokens", p.cached_tokens),
+                    ("evictions", p.evictions),
+                    ("entries", p.entries as u64),
+                    ("bytes", p.bytes),
+                ];
+                for (kind, v) in figures {
+                    gauge!("mlx_worker_prefix_cache", "worker" => id.clone(), "kind" => kind).set(v as f64);
+                }
+            }
         }
         handle.run_upkeep();
     }

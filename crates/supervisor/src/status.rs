@@ -46,6 +46,8 @@ pub struct WorkerStatus {
     pub models: Vec<ModelStatus>,
     /// Bytes: MLX active, peak and cache memory and the process RSS, from the last heartbeat.
     pub memory: Option<mlx_serving_protocol::Memory>,
+    /// The worker's prefix KV cache, from the last heartbeat.
+    pub prefix_cache: Option<mlx_serving_protocol::PrefixCacheStats>,
     pub progress: Option<mlx_serving_protocol::Progress>,
     pub breaker: &'static str,
     pub consecutive_failures: u32,
@@ -90,6 +92,7 @@ impl WorkerStatus {
                 })
                 .collect(),
             memory: beat.as_ref().map(|b| b.memory),
+            prefix_cache: beat.as_ref().map(|b| b.prefix_cache),
             progress: beat.as_ref().map(|b| b.progress),
             breaker: s.breaker.name(now),
             consecutive_failures: s.breaker.consecutive_failures(),
