@@ -175,3 +175,67 @@ async fn a_resumed_request_continues_exactly_where_the_first_stopped() {
     .await
     .expect("test timed out");
 }
+
+/// Runs `turns` of a chat on `w`: each turn's prompt is the conversation so far (earlier replies
+/// included) plus a new user message. Returns each turn's tokens and cached prompt tokens.
+async fn chat_turns(w: &Connected, name: &str, turns: usize) -> Vec<(Vec<u32>, usize)> {
+    let mut messages = vec![mlx_serving_protocol::Message {
+        role: "system".into(),
+        content: "You are a patient assistant who answers questions about free software licences.".into(),
+    }];
+    let mut out = Vec::new();
+    for t in 0..turns {
+        messages.push(mlx_serving_protocol::Message {
+            role: "user".into(),
+            content: format!("Question {t} from {name}: what does clause {t} allow?"),
+        });
+        let r = request(&format!("{name}-{t}"), Prompt::Messages(messages.clone()), 12);
+        let s = collect(w.client.generate(r).await.expect("generate")).await;
+        messages.push(mlx_serving_protocol::Message { role: "assistant".into(), content: s.text.clone() });
+        out.push((s.tokens, s.last.usage.cached_tokens));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_skips_earlier_turns_and_changes_no_token() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let cached = with_model(&["--prefill-chunk", "16"]).await;
+        let plain = with_model(&["--prefill-chunk", "16", "--prefix-cache-bytes", "0"]).await;
+        for name in ["ada", "bob"] {
+            let with = chat_turns(&cached, name, 4).await;
+            let without = chat_turns(&plain, name, 4).await;
+            for (t, (a, b)) in with.iter().zip(&without).enumerate() {
+                assert_eq!(a.0, b.0, "{name} turn {t}: the prefix cache changed the tokens");
+                assert_eq!(b.1, 0, "no prefix cache, no cached tokens");
+                if t > 0 {
+                    assert!(a.1 > 0, "{name} turn {t} reused nothing from the earlier turns");
+                }
+            }
+        }
+        let s = cached.client.stats().await.unwrap().prefix_cache;
+        assert!(s.hits >= 6 && s.cached_tokens > 0 && s.entries > 0 && s.bytes > 0, "{s:?}");
+        let limits = cached.client.stats().await.unwrap().limits;
+        assert_eq!(limits.prefix_cache_bytes, 512 << 20);
+        assert_eq!(plain.client.stats().await.unwrap().prefix_cache.hits, 0);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_stays_within_its_budget() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // Room for a couple of short sequences at most.
+        let w = with_model(&["--prefix-cache-bytes", "200000"]).await;
+        for i in 0..12 {
+            let prompt = Prompt::Text(format!("Distinct prompt {i}: {}", "words ".repeat(i + 3)));
+            collect(w.client.generate(request(&format!("p{i}"), prompt, 8)).await.expect("generate")).await;
+        }
+        let s = w.client.stats().await.unwrap().prefix_cache;
+        assert!(s.bytes <= 200000, "{s:?}");
+        assert!(s.evictions > 0, "{s:?}");
+    })
+    .await
+    .expect("test timed out");
+}
