@@ -47,11 +47,12 @@ def http_status(url):
         return getattr(e, "code", None)
 
 
-def wait_until(proc, url, name, timeout_s):
+def wait_until(proc, url, name, timeout_s, log_path):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"{name} exited ({proc.returncode}) before it was ready; see its log in the results directory")
+            tail = "".join(Path(log_path).read_text(errors="replace").splitlines(keepends=True)[-20:])
+            sys.exit(f"{name} exited ({proc.returncode}) before it was ready; the end of {log_path}:\n{tail}")
         if http_status(url) == 200:
             return
         time.sleep(0.1)
@@ -65,15 +66,17 @@ class Ours:
         self.port = free_port()
         config = results / "mlx-serving.toml"
         config.write_text(
-            f'[pool]\nworkers = {a.workers}\n\n[http]\nlisten = "127.0.0.1:{self.port}"\n\n'
+            f'[pool]\nworkers = {a.workers}\n' + "".join(f"{kv}\n" for kv in a.pool) +
+            f'\n[http]\nlisten = "127.0.0.1:{self.port}"\n\n'
             f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n\n'
             f'[[models]]\nname = "m"\npath = "{a.model}"\npreload = true\n'
         )
-        self.log = open(results / "mlx-serving.log", "w")
+        self.log_path = results / "mlx-serving.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([a.binary, "serve", "--config", str(config)], stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
         self.url, self.model = f"http://127.0.0.1:{self.port}", "m"
-        wait_until(self.proc, self.url + "/ready", self.name, a.start_timeout)
+        wait_until(self.proc, self.url + "/ready", self.name, a.start_timeout, self.log_path)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -90,12 +93,13 @@ class Peer:
 
     def __init__(self, a, results):
         self.port = free_port()
-        self.log = open(results / "mlx_lm.server.log", "w")
+        self.log_path = results / "mlx_lm.server.log"
+        self.log = open(self.log_path, "w")
         cmd = [a.python, "-m", "mlx_lm", "server", "--model", a.model, "--port", str(self.port), "--log-level", "WARNING"]
         self.proc = subprocess.Popen(cmd + shlex.split(a.peer_args), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         # mlx_lm.server maps the model name `default_model` to the --model it loaded.
         self.url, self.model = f"http://127.0.0.1:{self.port}", "default_model"
-        wait_until(self.proc, self.url + "/health", self.name, a.start_timeout)
+        wait_until(self.proc, self.url + "/health", self.name, a.start_timeout, self.log_path)
 
     def stop(self):
         self.proc.terminate()
@@ -178,6 +182,8 @@ def main():
     ap.add_argument("--api", choices=["completions", "chat"], default="completions")
     ap.add_argument("--results", default=None, help="directory for the JSON reports (default target/bench-results/DATE)")
     ap.add_argument("--python", default=sys.executable, help="python with mlx-lm installed")
+    ap.add_argument("--pool", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [pool] setting of mlx-serving's config, in TOML (repeatable), e.g. stall_timeout_ms=60000")
     ap.add_argument("--peer-args", default="", help="extra mlx_lm.server arguments, e.g. '--prompt-concurrency 32'")
     ap.add_argument("--binary", default=str(ROOT / "target/release/mlx-serving"))
     ap.add_argument("--bench", default=str(ROOT / "target/release/mlx-serving-bench"))
@@ -192,6 +198,9 @@ def main():
         errors.append("--levels must all be at least 1")
     if a.requests is not None and a.requests < 1:
         errors.append("--requests must be at least 1")
+    for kv in a.pool:
+        if "=" not in kv or not kv.split("=", 1)[0].strip():
+            errors.append(f"--pool {kv!r}: expected KEY=VALUE, e.g. stall_timeout_ms=60000")
     if a.max_tokens < 1:
         errors.append("--max-tokens must be at least 1")
     a.model = os.path.abspath(a.model)
