@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# mlx-serving-worker against mlx-lm on an NVIDIA GPU through MLX CUDA (docs/benchmarks-gpu.md).
+#
+# The GPU machine has CUDA but no MLX, no Rust and no network; MLX for CUDA travels as in
+# ../shared/gpu/README.md, split over two calls of the device tool made back to back (the machine
+# stays warm 30 s between them). Here, in the repository root:
+#
+#   bash benches/gpu.sh prepare          # .gpu/p1, .gpu/p2 (shared/gpu/prepare.sh) and .gpu/x1
+#   device call 1, carry [".gpu/p1", ".gpu/x1"]:   bash benches/gpu.sh stash
+#   device call 2, carry [".gpu/p2"], timeout 600: bash benches/gpu.sh run [bench.py arguments]
+#   more calls while the machine is still warm (within 30 s) need no new call 1, e.g.
+#   GPU_BENCH_SECONDS=410 bash benches/gpu.sh run --models llama3-8b-q4
+#
+# Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
+# call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
+#
+# Call 2 writes results.json, table.md and log.txt under $OUT. A local dry run on the CPU with tiny
+# models (needs mlx-lm in PY's environment):
+#   PY=.venv-bench/bin/python bash benches/gpu.sh local
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+stash=/root/mlx-gpu
+case "${1:-}" in
+prepare)
+  grep -qx '/.gpu/' .git/info/exclude || echo /.gpu/ >> .git/info/exclude
+  [ -f .gpu/p1/libmlx.part.aa ] || bash ../shared/gpu/prepare.sh
+  export MLX_PYTHON=${MLX_PYTHON:-$root/.venv/bin/python}
+  cargo build --release --locked --bins -p mlx-serving-worker >&2
+  # One call may carry 64 MiB with the working tree (about 21 MB): the cutlass wheel and the
+  # worker (stripped, xz) go with call 1, which stashes them beside part 1 of libmlx.so.
+  mkdir -p .gpu/x1
+  [ ! -f .gpu/p2/nvidia_cutlass-4.2.0.0-py3-none-any.whl ] || mv .gpu/p2/nvidia_cutlass-*.whl .gpu/x1/
+  strip --strip-unneeded -o .gpu/x1/mlx-serving-worker target/release/mlx-serving-worker
+  xz -T0 -6 -f .gpu/x1/mlx-serving-worker
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  for c in ".gpu/p1 .gpu/x1" ".gpu/p2"; do
+    echo "call carrying $c: $(( (tree + $(du -cb $c | tail -1 | cut -f1)) / 1048576 )) MiB of 64"
+  done
+  ;;
+stash)
+  bash .gpu/p1/stash.sh
+  cp .gpu/x1/* $stash/
+  ls -la $stash; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  ;;
+run)
+  shift
+  start=$(date +%s)
+  [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
+  cp $stash/nvidia_cutlass-*.whl .gpu/p2/
+  xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
+  # shellcheck disable=SC1091
+  set +eu; source .gpu/p2/setup.sh; rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+  out=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$out"
+  ldd /tmp/mlx-serving-worker | grep -i "mlx\|not found" || true
+  nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+  # Stop starting work ~80 s before the 600 s limit of one call (setup time included).
+  budget=$(( ${GPU_BENCH_SECONDS:-520} - ($(date +%s) - start) ))
+  echo "setup took $(( $(date +%s) - start )) s; bench budget $budget s"
+  set -o pipefail
+  PYTHONUNBUFFERED=1 timeout $(( budget + 70 )) python3 benches/gpu/bench.py --out "$out" \
+    --binary /tmp/mlx-serving-worker --budget-s "$budget" "$@" 2>&1 | tee "$out/log.txt" || echo "bench.py exited with $?"
+  [ -f "$out/table.md" ] && cat "$out/table.md"
+  ;;
+local)
+  shift
+  PY=${PY:-$root/.venv-bench/bin/python}
+  "$PY" benches/gpu/bench.py --out "${OUT:-/tmp/gpu-bench-local}" --device cpu --work /tmp/gpu-bench-local-models \
+    --models qwen3-tiny-bf16 llama3-tiny-q4 --levels 1 4 --prompt 64 --decode 32 --prefill 256 --agg-tokens 16 \
+    --runs 1 --rounds 1 --bw-gib 0.25 --kv-cache-bytes 1000000000 --parity-models qwen3-bf16 llama-q4g32 "$@"
+  ;;
+*)
+  sed -n 2,15p "$0"; exit 2 ;;
+esac

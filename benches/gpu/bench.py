@@ -1,0 +1,602 @@
+#!/usr/bin/env python3
+"""mlx-serving-worker against mlx-lm on one GPU (MLX CUDA), side by side; driven by benches/gpu.sh.
+
+Steps, each written to OUT/results.json as soon as it is done (a run cut short keeps what it did):
+  1. device copy bandwidth (a big bf16 array through an elementwise copy, bytes read + written);
+  2. greedy parity: the first 32 greedy tokens of our worker on this device, and of mlx-lm on this
+     device, for every fixture model in tests/fixtures/models, against tests/fixtures/golden/*.json
+     (mlx-lm on the CPU, which our CPU build equals token for token);
+  3. per benchmark model (random weights, benches/gpu/bench_models.py), made here, then:
+     - batch-1: decode tokens/s (a PROMPT-token prompt, DECODE greedy tokens, ignore_eos) and prefill
+       tokens/s (a PREFILL-token prompt, 1 token) of our worker over its stdio protocol and of
+       mlx_lm.generate.generate_step in process;
+     - aggregate tokens/s and client-side TTFT p50/p95 at each level of concurrent streams: our worker
+       over stdio against mlx_lm.server (BatchGenerator) over HTTP with SSE;
+     - each decode figure as a share of the bandwidth roofline: (weight bytes read per step + KV bytes
+       read per step) / measured copy bandwidth.
+A time budget skips what would not fit, and says so in the results.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+
+T0 = time.time()
+R: dict = {"started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "skipped": []}
+OUT = Path(".")
+HARD = T0 + 3600.0  # set in main: past it nothing waits on a server any longer
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def save():
+    (OUT / "results.json").write_text(json.dumps(R, indent=1))
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------- environment, bandwidth
+
+def environment(device):
+    env = {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    try:
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        env["nvidia_smi"] = f"unavailable: {e}"
+    env["requested_device"] = device
+    return env
+
+
+def copy_bandwidth(gib=4.0, reps=20):
+    n = int(gib * 2**30) // 2 // 4096 * 4096
+    a = mx.random.uniform(shape=(n // 4096, 4096)).astype(mx.bfloat16)
+    mx.eval(a)
+    times = []
+    for i in range(reps + 3):
+        mx.synchronize()
+        t = time.perf_counter()
+        b = a * 1  # reads n*2 bytes, writes n*2 bytes
+        mx.eval(b)
+        mx.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+        del b
+    del a
+    mx.clear_cache()
+    med = statistics.median(times)
+    return {"array_bytes": n * 2, "median_s": med, "bytes_per_s": 2 * n * 2 / med,
+            "best_bytes_per_s": 2 * n * 2 / min(times)}
+
+
+# ---------------------------------------------------------------- our worker over stdio
+
+class Worker:
+    """mlx-serving-worker over its pipes; a reader thread timestamps every line as it arrives."""
+
+    def __init__(self, binary, device, max_sequences, kv_bytes, extra=()):
+        self.p = subprocess.Popen(
+            [binary, "--device", device, "--max-sequences", str(max_sequences),
+             "--kv-cache-bytes", str(kv_bytes), "--heartbeat-ms", "60000", *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
+        self.next_id = 0
+        self.cv = threading.Condition()
+        self.responses = {}
+        self.events = {}  # subscription -> [(t, event)]
+        self.lines = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain_err, daemon=True).start()
+        self.hello = self.call("handshake", {})
+
+    def _drain_err(self):
+        self.stderr_tail = []
+        for line in self.p.stderr:
+            self.stderr_tail = (self.stderr_tail + [line.decode(errors="replace").rstrip()])[-20:]
+
+    def _read(self):
+        for line in self.p.stdout:
+            t = time.perf_counter()
+            msg = json.loads(line)
+            with self.cv:
+                if "id" in msg and msg.get("method") is None:
+                    self.responses[msg["id"]] = msg
+                elif msg.get("method") == "generate_event":
+                    self.events.setdefault(msg["params"]["subscription"], []).append((t, msg["params"]["result"]))
+                self.cv.notify_all()
+        with self.cv:
+            self.dead = True
+            self.cv.notify_all()
+
+    def send(self, method, params):
+        self.next_id += 1
+        self.p.stdin.write((json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}) + "\n").encode())
+        self.p.stdin.flush()
+        return self.next_id
+
+    def wait_response(self, rid, timeout=None):
+        with self.cv:
+            ok = self.cv.wait_for(lambda: rid in self.responses or getattr(self, "dead", False), timeout or max(30.0, HARD - time.time()))
+            if not ok or rid not in self.responses:
+                raise RuntimeError(f"worker gave no response (stderr: {getattr(self, 'stderr_tail', [])})")
+            msg = self.responses.pop(rid)
+        if "error" in msg:
+            raise RuntimeError(f"worker error: {msg['error']}")
+        return msg["result"]
+
+    def call(self, method, params):
+        return self.wait_response(self.send(method, params))
+
+    def generate(self, reqs, model="m"):
+        """Send every request at once; returns per request (t_sent, [(t, event)]) when all have ended."""
+        sent = []
+        for i, (prompt, max_tokens) in enumerate(reqs):
+            self.send_count = getattr(self, "send_count", 0) + 1
+            r = {"id": f"q{self.send_count}", "model": model, "prompt": prompt, "max_tokens": max_tokens,
+                 "sampling": {"temperature": 0.0}, "ignore_eos": True}
+            sent.append((time.perf_counter(), self.send("generate", {"request": r})))
+        subs = [(t, self.wait_response(rid)) for t, rid in sent]
+
+        def done():
+            return all(self.events.get(s) and self.events[s][-1][1]["type"] == "final" for _, s in subs) \
+                or getattr(self, "dead", False)
+        with self.cv:
+            self.cv.wait_for(done, max(30.0, HARD - time.time()))
+            out = [(t, self.events.pop(s, [])) for t, s in subs]
+        for _, evs in out:
+            if not evs or evs[-1][1]["type"] != "final" or evs[-1][1].get("finish_reason") == "error":
+                raise RuntimeError(f"stream did not end well: {evs[-1:] if evs else 'no events'}")
+        return out
+
+    def close(self):
+        try:
+            self.p.stdin.close()
+            self.p.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.p.kill()
+
+
+def stream_stats(t_sent, evs):
+    toks = [t for t, e in evs if e["type"] == "token"]
+    final = evs[-1][1]
+    n = final["usage"]["completion_tokens"]
+    return {
+        "t_first": toks[0] if toks else None, "t_last": evs[-1][0], "n": n,
+        "ttft_client_s": (toks[0] - t_sent) if toks else None,
+        "ttft_worker_ms": final.get("time_to_first_token_ms"), "total_worker_ms": final.get("total_ms"),
+        "decode_client_tps": (len(toks) - 1) / (toks[-1] - toks[0]) if len(toks) > 2 else None,
+        "decode_worker_tps": (n - 1) / ((final["total_ms"] - final["time_to_first_token_ms"]) / 1000)
+        if n > 1 and final.get("total_ms") else None,
+        "prompt_tokens": final["usage"]["prompt_tokens"], "cached_tokens": final["usage"].get("cached_tokens", 0),
+    }
+
+
+# ---------------------------------------------------------------- mlx_lm.server over HTTP
+
+class MlxLmServer:
+    def __init__(self, model, max_sequences):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", str(self.port),
+             "--decode-concurrency", str(max_sequences), "--prompt-concurrency", str(max_sequences),
+             "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.model = model
+        t = time.time()
+        while time.time() - t < 300:
+            if self.p.poll() is not None:
+                raise RuntimeError("mlx_lm.server exited: " + self.p.stderr.read().decode()[-2000:])
+            try:
+                self.post_once("hello", 2)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("mlx_lm.server did not start")
+
+    def post(self, text, max_tokens):
+        for _ in range(200):  # http.server's listen backlog is 5: a burst of connections gets resets
+            try:
+                return self.post_once(text, max_tokens)
+            except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+                time.sleep(0.01)
+        raise ConnectionResetError("mlx_lm.server kept resetting the connection")
+
+    def post_once(self, text, max_tokens):
+        t_sent = time.perf_counter()
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=max(30.0, HARD - time.time()))
+        body = json.dumps({"model": self.model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0,
+                           "stream": True, "stream_options": {"include_usage": True}})
+        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        t_first, usage = None, None
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            msg = json.loads(data)
+            if msg.get("usage"):
+                usage = msg["usage"]
+            if t_first is None and msg.get("choices"):
+                t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        c.close()
+        return {"t_sent": t_sent, "t_first": t_first, "t_last": t_end,
+                "n": usage["completion_tokens"] if usage else 0,
+                "prompt_tokens": usage["prompt_tokens"] if usage else None,
+                "ttft_client_s": (t_first - t_sent) if t_first else None}
+
+    def close(self):
+        self.p.terminate()
+        try:
+            self.p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+# ---------------------------------------------------------------- prompts
+
+class Prompts:
+    """Fresh prompts of an exact token count: windows of the tokenized fixture corpus."""
+
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        text = (ROOT / "tests/fixtures/corpus.txt").read_text(encoding="utf-8")
+        self.ids = self.tok.encode(text, add_special_tokens=False).ids
+        self.rng = random.Random(1234)
+
+    def ids_of(self, n):
+        out = []
+        while len(out) < n:
+            s = self.rng.randrange(0, len(self.ids) - 64)
+            out += self.ids[s:s + n - len(out)]
+        return out
+
+    def text_of(self, n):
+        """A text whose tokenization starts with a unique tag (so no prompt cache serves it), about n tokens."""
+        tag = f"{self.rng.randrange(10**9)} "
+        return tag + self.tok.decode(self.ids_of(n - len(self.tok.encode(tag, add_special_tokens=False).ids)))
+
+
+# ---------------------------------------------------------------- parity
+
+def parity(binary, device, only=None, n=32):
+    fixtures = sorted(p for p in (ROOT / "tests/fixtures/models").iterdir()
+                      if (ROOT / f"tests/fixtures/golden/{p.name}.json").exists() and (not only or p.name in only))
+    rows = []
+    w = Worker(binary, device, 8, 1 << 30, ["--prefix-cache-bytes", "0"])
+    try:
+        for m in fixtures:
+            g = json.loads((ROOT / f"tests/fixtures/golden/{m.name}.json").read_text())
+            w.call("load_model", {"model": m.name, "path": str(m)})
+            model, _ = mlx_lm.load(str(m))
+            for c in g["cases"]:
+                want = c["greedy_tokens"][:n]
+                (_, evs), = w.generate([({"token_ids": c["prompt_ids"]}, n)], model=m.name)
+                ours = [t for _, e in evs if e["type"] == "token" for t in e["token_ids"]]
+                theirs = [int(t) for t, _ in generate_step(mx.array(c["prompt_ids"]), model, max_tokens=n,
+                                                           sampler=lambda lp: mx.argmax(lp, axis=-1))]
+
+                def first_diff(a, b):
+                    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+                rows.append({"model": m.name, "case": c["name"], "ours_equal_golden": ours == want,
+                             "ours_first_diff": first_diff(ours, want), "mlx_lm_equal_golden": theirs == want,
+                             "mlx_lm_first_diff": first_diff(theirs, want), "ours_equal_mlx_lm": ours == theirs,
+                             "ours": ours, "mlx_lm": theirs, "golden": want})
+            w.call("unload_model", {"model": m.name})
+            del model
+    finally:
+        w.close()
+    return rows
+
+
+# ---------------------------------------------------------------- batch-1 and aggregate
+
+def weight_bytes_per_step(model_dir):
+    """Bytes of weights one decode step reads: every tensor except an untied embedding table (one row)."""
+    import struct
+    names = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            hdr = json.loads(fh.read(n))
+        for k, v in hdr.items():
+            if k != "__metadata__":
+                names[k] = v["data_offsets"][1] - v["data_offsets"][0]
+    total = sum(names.values())
+    tied = not any(k.startswith("lm_head") for k in names)
+    embed = sum(v for k, v in names.items() if "embed_tokens" in k)
+    return total, (total if tied else total - embed)
+
+
+def mlx_lm_batch1(model_dir, prompts, prompt_len, decode, prefill_len, runs):
+    model, _ = mlx_lm.load(model_dir)
+    greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    dec, pre = [], []
+    for r in range(runs + 1):  # the first is a warm-up
+        ids = prompts.ids_of(prompt_len)
+        t0 = time.perf_counter()
+        ts = []
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=decode, sampler=greedy):
+            int(tok)
+            ts.append(time.perf_counter())
+        ids = prompts.ids_of(prefill_len)
+        t1 = time.perf_counter()
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=1, sampler=greedy):
+            int(tok)
+            t2 = time.perf_counter()
+        if r:
+            dec.append((len(ts) - 1) / (ts[-1] - ts[0]))
+            pre.append({"ttft_s": t2 - t1, "tps": prefill_len / (t2 - t1), "ttft_short_s": ts[0] - t0})
+    del model
+    mx.clear_cache()
+    return {"decode_tps": statistics.median(dec), "decode_runs": dec,
+            "prefill_tps": statistics.median(p["tps"] for p in pre),
+            "prefill_ttft_s": statistics.median(p["ttft_s"] for p in pre),
+            "ttft_short_s": statistics.median(p["ttft_short_s"] for p in pre)}
+
+
+def ours_batch1(w, prompts, prompt_len, decode, prefill_len, runs):
+    dec, dec_w, pre, pre_w, short = [], [], [], [], []
+    for r in range(runs + 1):
+        (t, evs), = w.generate([({"token_ids": prompts.ids_of(prompt_len)}, decode)])
+        s = stream_stats(t, evs)
+        assert s["n"] == decode, s
+        (t, evs), = w.generate([({"token_ids": prompts.ids_of(prefill_len)}, 1)])
+        p = stream_stats(t, evs)
+        if r:
+            dec.append(s["decode_client_tps"])
+            dec_w.append(s["decode_worker_tps"])
+            short.append(s["ttft_client_s"])
+            pre.append(prefill_len / p["ttft_client_s"])
+            pre_w.append(prefill_len / (p["ttft_worker_ms"] / 1000))
+    return {"decode_tps": statistics.median(dec), "decode_runs": dec, "decode_worker_tps": statistics.median(dec_w),
+            "prefill_tps": statistics.median(pre), "prefill_worker_tps": statistics.median(pre_w),
+            "prefill_ttft_s": prefill_len / statistics.median(pre), "ttft_short_s": statistics.median(short)}
+
+
+def aggregate_round(server, prompts, level, prompt_len, max_tokens):
+    if isinstance(server, Worker):
+        reqs = [({"token_ids": prompts.ids_of(prompt_len)}, max_tokens) for _ in range(level)]
+        t0 = time.perf_counter()
+        st = [stream_stats(t, evs) for t, evs in server.generate(reqs)]
+    else:
+        texts = [prompts.text_of(prompt_len) for _ in range(level)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(level) as pool:
+            st = list(pool.map(lambda x: server.post(x, max_tokens), texts))
+    t_end = max(s["t_last"] for s in st)
+    toks = sum(s["n"] for s in st)
+    ttft = [s["ttft_client_s"] for s in st if s["ttft_client_s"] is not None]
+    # Decode-phase rate: tokens after each stream's first, over the span from the first first-token
+    # to the last token (excludes the initial prefill burst).
+    t_first = min(s["t_first"] for s in st if s["t_first"])
+    return {"tokens": toks, "wall_s": t_end - t0, "tps": toks / (t_end - t0),
+            "decode_phase_tps": (toks - len(st)) / (t_end - t_first) if t_end > t_first else None,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
+            "prompt_tokens_mean": statistics.mean(s["prompt_tokens"] for s in st if s["prompt_tokens"]),
+            "completions_short": sum(1 for s in st if s["n"] < max_tokens)}
+
+
+def aggregate(server, prompts, levels, prompt_len, max_tokens, rounds, deadline):
+    res = {}
+    aggregate_round(server, prompts, 2, 16, 8)  # warm-up
+    for lv in levels:
+        rr = []
+        for _ in range(rounds if lv <= 32 else 1):
+            if time.time() > deadline:
+                break
+            rr.append(aggregate_round(server, prompts, lv, prompt_len, max_tokens))
+        if not rr:
+            R["skipped"].append(f"aggregate level {lv} on {type(server).__name__}: time budget")
+            continue
+        best = sorted(rr, key=lambda x: x["tps"])[len(rr) // 2]  # median round by tokens/s
+        best["rounds"] = [round(x["tps"], 1) for x in rr]
+        res[str(lv)] = best
+        log(f"    {type(server).__name__:12s} {lv:4d} streams {best['tps']:9.1f} tok/s  "
+            f"ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}")
+    return res
+
+
+def bench_model(name, mdir, a, bw, deadline):
+    rec = R["models"].setdefault(name, {})
+    prompts = Prompts(mdir)
+    total_w, step_w = weight_bytes_per_step(mdir)
+    w = Worker(a.binary, a.device, max(a.levels), a.kv_cache_bytes)
+    try:
+        info = w.call("load_model", {"model": "m", "path": mdir})
+        rec.update({"weight_bytes": total_w, "weight_bytes_per_step": step_w,
+                    "kv_bytes_per_token": info["kv_bytes_per_token"], "worker_weight_bytes": info["weight_bytes"]})
+        kvt = info["kv_bytes_per_token"]
+
+        def roof(tps, streams, ctx):
+            step_bytes = step_w + streams * ctx * kvt
+            return {"roofline_tps": streams * bw / step_bytes, "share": tps / (streams * bw / step_bytes)}
+        b1_ctx = a.prompt + a.decode / 2
+        rec["batch1_ours"] = ours_batch1(w, prompts, a.prompt, a.decode, a.prefill, a.runs)
+        rec["batch1_ours"].update(roof(rec["batch1_ours"]["decode_tps"], 1, b1_ctx))
+        log(f"  ours   batch-1 decode {rec['batch1_ours']['decode_tps']:.1f} tok/s, prefill {rec['batch1_ours']['prefill_tps']:.0f} tok/s")
+        save()
+        rec["aggregate_ours"] = aggregate(w, prompts, a.levels, a.prompt, a.agg_tokens, a.rounds, deadline)
+        for lv, x in rec["aggregate_ours"].items():
+            x.update(roof(x["decode_phase_tps"] or x["tps"], int(lv), a.prompt + a.agg_tokens / 2))
+        save()
+    finally:
+        w.close()
+    rec["batch1_mlx_lm"] = mlx_lm_batch1(mdir, prompts, a.prompt, a.decode, a.prefill, a.runs)
+    rec["batch1_mlx_lm"].update(roof(rec["batch1_mlx_lm"]["decode_tps"], 1, b1_ctx))
+    log(f"  mlx-lm batch-1 decode {rec['batch1_mlx_lm']['decode_tps']:.1f} tok/s, prefill {rec['batch1_mlx_lm']['prefill_tps']:.0f} tok/s")
+    save()
+    if time.time() < deadline:
+        s = MlxLmServer(mdir, max(a.levels))
+        try:
+            rec["aggregate_mlx_lm"] = aggregate(s, prompts, a.levels, a.prompt, a.agg_tokens, a.rounds, deadline)
+            for lv, x in rec["aggregate_mlx_lm"].items():
+                x.update(roof(x["decode_phase_tps"] or x["tps"], int(lv), a.prompt + a.agg_tokens / 2))
+        finally:
+            s.close()
+    else:
+        R["skipped"].append(f"{name}: mlx_lm.server aggregate: time budget")
+    save()
+
+
+# ---------------------------------------------------------------- table
+
+def table():
+    L = []
+    bw = R.get("bandwidth", {}).get("bytes_per_s")
+    L.append(f"device: {R['env'].get('nvidia_smi')} | mlx {R['env']['mlx']} ({R['env']['device']}), mlx-lm {R['env']['mlx_lm']}")
+    if bw:
+        L.append(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write of a {R['bandwidth']['array_bytes'] / 2**30:.0f} GiB bf16 array, median)")
+    L.append("")
+    L.append("| model | weights GB | ours decode tok/s | mlx-lm decode tok/s | ratio | ours % roofline | mlx-lm % roofline | ours prefill tok/s | mlx-lm prefill tok/s |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for name, m in R.get("models", {}).items():
+        o, p = m.get("batch1_ours"), m.get("batch1_mlx_lm")
+        if not o or not p:
+            continue
+        L.append(f"| {name} | {m['weight_bytes'] / 1e9:.2f} | {o['decode_tps']:.1f} | {p['decode_tps']:.1f} | "
+                 f"{o['decode_tps'] / p['decode_tps']:.2f}x | {o['share'] * 100:.0f} % | {p['share'] * 100:.0f} % | "
+                 f"{o['prefill_tps']:.0f} | {p['prefill_tps']:.0f} |")
+    L.append("")
+    L.append("| model | streams | ours tok/s | mlx_lm.server tok/s | ratio | ours TTFT p50 / p95 ms | mlx_lm.server TTFT p50 / p95 ms | ours decode-phase % roofline | ours x one stream |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for name, m in R.get("models", {}).items():
+        o, p = m.get("aggregate_ours", {}), m.get("aggregate_mlx_lm", {})
+        for lv in sorted(set(o) | set(p), key=int):
+            a, b = o.get(lv), p.get(lv)
+            f = lambda x: f"{x['tps']:.0f}" if x else "-"  # noqa: E731
+            t = lambda x: f"{x['ttft_p50_s'] * 1000:.0f} / {x['ttft_p95_s'] * 1000:.0f}" if x else "-"  # noqa: E731
+            ratio = f"{a['tps'] / b['tps']:.2f}x" if a and b else "-"
+            x1 = f"{a['tps'] / o['1']['tps']:.1f}x" if a and o.get("1") else "-"
+            L.append(f"| {name} | {lv} | {f(a)} | {f(b)} | {ratio} | {t(a)} | {t(b)} | "
+                     f"{a['share'] * 100:.0f} % | {x1} |" if a else f"| {name} | {lv} | - | {f(b)} | - | - | {t(b)} | - | - |")
+    if R.get("parity"):
+        L.append("")
+        dev = R["env"]["device"]
+        L.append(f"| fixture model | case | ours ({dev}) = CPU golden, first 32 | first diff | mlx-lm ({dev}) = CPU golden | first diff |")
+        L.append("|---|---|---|---|---|---|")
+        for r in R["parity"]:
+            L.append(f"| {r['model']} | {r['case']} | {'yes' if r['ours_equal_golden'] else 'NO'} | {r['ours_first_diff']} | "
+                     f"{'yes' if r['mlx_lm_equal_golden'] else 'NO'} | {r['mlx_lm_first_diff']} |")
+    if R["skipped"]:
+        L.append("")
+        L.append("skipped: " + "; ".join(R["skipped"]))
+    return "\n".join(L) + "\n"
+
+
+def main():
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/gpu-bench-models")
+    ap.add_argument("--binary", default=str(ROOT / "target/release/mlx-serving-worker"))
+    ap.add_argument("--device", default="gpu")
+    ap.add_argument("--models", nargs="+", default=["qwen3-0.6b-bf16", "qwen3-0.6b-q4", "llama3-8b-bf16", "llama3-8b-q4"])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--agg-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kv-cache-bytes", type=int, default=48 << 30)
+    ap.add_argument("--bw-gib", type=float, default=4.0)
+    ap.add_argument("--budget-s", type=float, default=520, help="stop starting work after this many seconds")
+    ap.add_argument("--est", default="qwen3-0.6b=120,llama3-8b-bf16=150,llama3-8b-q4=270,parity=170,qwen3-tiny=20,llama3-tiny=20",
+                    help="seconds each model is expected to take (made + measured), to skip what would not fit")
+    ap.add_argument("--grace-s", type=float, default=45, help="after the budget, how long a started step may still wait")
+    ap.add_argument("--parity-models", nargs="*", help="fixture models for the parity step (default: all)")
+    ap.add_argument("--skip-parity", action="store_true")
+    a = ap.parse_args()
+    OUT = Path(a.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    deadline = T0 + a.budget_s
+    global HARD
+    HARD = deadline + a.grace_s
+    R["args"] = vars(a)
+    R["env"] = environment(a.device)
+    log("env", R["env"])
+    R["bandwidth"] = copy_bandwidth(a.bw_gib)
+    bw = R["bandwidth"]["bytes_per_s"]
+    log(f"copy bandwidth {bw / 1e12:.3f} TB/s (best {R['bandwidth']['best_bytes_per_s'] / 1e12:.3f})")
+    save()
+    import bench_models as mm
+    tok = mm.fx.train_tokenizer(mm.fx.CORPUS.read_text(encoding="utf-8"))
+    est = dict(kv.split("=") for kv in a.est.split(","))
+    R["models"] = {}
+    steps = list(a.models)
+    if not a.skip_parity:  # after the first three models: the performance figures come first
+        steps.insert(min(3, len(steps)), "parity")
+    for name in steps:
+        guess = next((float(v) for k, v in est.items() if name.startswith(k)), 120.0)
+        if time.time() + guess > deadline:
+            R["skipped"].append(f"{name}: time budget ({deadline - time.time():.0f}s left, ~{guess:.0f}s needed)")
+            log("skip", name)
+            continue
+        if name == "parity":
+            try:
+                R["parity"] = parity(a.binary, a.device, a.parity_models)
+                ok = sum(r["ours_equal_golden"] for r in R["parity"])
+                log(f"parity: ours = golden in {ok}/{len(R['parity'])} cases; mlx-lm = golden in "
+                    f"{sum(r['mlx_lm_equal_golden'] for r in R['parity'])}; ours = mlx-lm in {sum(r['ours_equal_mlx_lm'] for r in R['parity'])}")
+            except Exception as e:  # noqa: BLE001
+                R["parity_error"] = repr(e)
+                log("parity failed:", repr(e))
+            save()
+            (OUT / "table.md").write_text(table())
+            continue
+        log("model", name)
+        try:
+            R["models"][name] = {"made": mm.build(name, Path(a.work) / name, tok)}
+            bench_model(name, str(Path(a.work) / name), a, bw, deadline)
+        except Exception as e:  # noqa: BLE001
+            R["models"].setdefault(name, {})["error"] = repr(e)
+            log("model failed:", name, repr(e))
+        save()
+        (OUT / "table.md").write_text(table())
+        import shutil
+        shutil.rmtree(Path(a.work) / name, ignore_errors=True)
+    R["elapsed_s"] = time.time() - T0
+    save()
+    t = table()
+    (OUT / "table.md").write_text(t)
+    print(t)
+
+
+if __name__ == "__main__":
+    main()
