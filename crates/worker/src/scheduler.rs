@@ -181,6 +181,9 @@ impl Scheduler {
                 if result.is_err() {
                     self.counts.rejected += 1;
                 }
+                // Admit at once what fits, so the queue holds only requests that wait for room
+                // (whether later commands find it full does not depend on when the loop turns).
+                self.admit();
                 let _ = reply.send(result);
             }
             Command::Cancel { id, reply } => {
