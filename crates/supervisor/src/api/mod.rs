@@ -5,7 +5,7 @@ pub mod error;
 pub mod openai;
 pub mod ratelimit;
 pub mod shared;
-mod stream;
+pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
