@@ -81,8 +81,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 /// Serves `router` on `listen` until `stop` is cancelled.
 pub async fn serve(listen: SocketAddr, router: Router, stop: CancellationToken) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "HTTP API listening");
+    // Streams are many small writes: without TCP_NODELAY each one after the first can wait for
+    // the client's delayed ACK (up to 40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await
 }
 
