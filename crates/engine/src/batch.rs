@@ -168,6 +168,11 @@ impl Batch {
         &self.keys
     }
 
+    /// Every array the batch holds (its buffers and next inputs).
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.cache.layers.iter().flat_map(|l| [&l.keys, &l.values]).chain(self.inputs.as_ref()).collect()
+    }
+
     pub fn contains(&self, key: u64) -> bool {
         self.keys.contains(&key)
     }

@@ -107,6 +107,11 @@ impl PrefixCache {
         }
     }
 
+    /// Every array the entries hold.
+    pub fn arrays(&self) -> Vec<&mlx::Array> {
+        self.entries.iter().flat_map(|e| e.kv.layers.iter().flat_map(|l| l.state())).collect()
+    }
+
     /// Drops every entry.
     pub fn clear(&mut self) {
         self.entries.clear();

@@ -159,6 +159,25 @@ impl Scheduler {
         self.cancel_all();
         self.sweep();
         self.publish();
+        self.settle();
+    }
+
+    /// Waits for the work MLX still runs asynchronously (the last step, copies into the prefix
+    /// cache), so none of it is running when the thread and the process end.
+    fn settle(&mut self) {
+        let mut arrays: Vec<&Array> = Vec::new();
+        for p in &self.in_flight {
+            arrays.push(&p.tokens);
+            arrays.extend(p.logprobs.as_ref());
+            arrays.extend(p.top.iter().flatten().flat_map(|(i, v)| [i, v]));
+        }
+        for l in self.models.values() {
+            arrays.extend(l.batch.arrays());
+            arrays.extend(l.prefix.arrays());
+        }
+        if let Err(e) = mlx::eval(&arrays) {
+            tracing::warn!(error = %e, "finishing MLX work at exit");
+        }
     }
 
     fn idle(&self) -> bool {
