@@ -186,12 +186,6 @@ impl Batch {
         self.cache.nbytes()
     }
 
-    /// Positions row `key` holds.
-    pub fn len_of(&self, key: u64) -> Option<i32> {
-        let i = self.keys.iter().position(|&k| k == key)?;
-        Some(self.cache.idx - self.cache.pads[i])
-    }
-
     /// Removes the rows of `gone`. For the keys `keep_kv` accepts, the row's keys and values are
     /// returned as a cache of their own (copied out of the batch's buffers).
     pub fn remove(&mut self, gone: &[u64], keep_kv: impl Fn(u64) -> bool) -> Result<Vec<(u64, KvCache)>> {

@@ -45,6 +45,11 @@ impl PrefixCache {
         PrefixCache { budget, entries: Vec::new(), clock: 0, counts: PrefixCacheCounts::default() }
     }
 
+    /// Whether entries are kept at all (a budget above 0).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
     pub fn counts(&self) -> PrefixCacheCounts {
         PrefixCacheCounts { entries: self.entries.len(), bytes: self.bytes(), ..self.counts }
     }
@@ -110,10 +115,5 @@ impl PrefixCache {
     /// Every array the entries hold.
     pub fn arrays(&self) -> Vec<&mlx::Array> {
         self.entries.iter().flat_map(|e| e.kv.layers.iter().flat_map(|l| l.state())).collect()
-    }
-
-    /// Drops every entry.
-    pub fn clear(&mut self) {
-        self.entries.clear();
     }
 }

@@ -89,11 +89,6 @@ impl Sequence {
         &self.cache.layers[layer]
     }
 
-    /// The sequence's own cache.
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
-    }
-
     /// Starts the sequence from cached keys and values of its first `cache.offset()` prompt
     /// tokens (at most all but the last), so prefill goes on from there.
     pub fn seed_cache(&mut self, cache: KvCache) -> Result<()> {
@@ -169,17 +164,7 @@ impl Model {
     /// Prefills up to `chunk` prompt tokens of `seq` (never its last one, which the first decode
     /// step feeds, as mlx-lm does) and evaluates the cache. Returns the tokens processed.
     pub fn prefill_chunk(&self, seq: &mut Sequence, chunk: usize) -> Result<usize> {
-        if !seq.needs_prefill() {
-            return Ok(0);
-        }
-        let remaining = seq.prompt.len() - 1 - seq.prefilled;
-        let n = remaining.min(chunk.max(1));
-        let part = &seq.prompt[seq.prefilled..seq.prefilled + n];
-        let ids = Array::from_slice(part, &[1, n as i32])?;
-        self.transformer.forward(&ids, &mut [Segment { cache: &mut seq.cache, len: n as i32 }], false)?;
-        seq.cache.eval()?;
-        seq.prefilled += n;
-        Ok(n)
+        Ok(self.prefill_chunks(&mut [seq], chunk)?[0])
     }
 
     /// Prefills the next prompt tokens of several sequences in one forward pass, `budget` tokens

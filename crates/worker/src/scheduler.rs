@@ -36,6 +36,20 @@ struct Loaded {
     prefix: PrefixCache,
 }
 
+impl Loaded {
+    /// Takes the rows of `gone` out of the batch. A row whose sequence `history` gives (its
+    /// prompt and accepted tokens) leaves its keys and values to the prefix cache.
+    fn retire<'a>(&mut self, gone: &[u64], history: impl Fn(u64) -> Option<&'a [u32]>) -> mlx_serving_engine::Result<()> {
+        let caching = self.prefix.enabled();
+        for (key, kv) in self.batch.remove(gone, |k| caching && history(k).is_some())? {
+            if let Some(tokens) = history(key).and_then(|h| h.get(..kv.offset().max(0) as usize)) {
+                self.prefix.insert(tokens.to_vec(), kv);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One request, from admission to its final event.
 struct Request {
     /// Unique for the worker's lifetime (client ids may be reused once a request ends).
@@ -502,15 +516,7 @@ impl Scheduler {
                 .filter(|k| index.get(k).is_none_or(|&i| !running[i].ready_to_decode()))
                 .collect();
             let result = (|| -> mlx_serving_engine::Result<Option<Pending>> {
-                let caching = self.config.prefix_cache_bytes > 0;
-                let left = loaded.batch.remove(&gone, |k| caching && index.contains_key(&k))?;
-                for (key, kv) in left {
-                    let r = &running[index[&key]];
-                    let n = kv.offset().max(0) as usize;
-                    if let Some(tokens) = r.seq.history().get(..n) {
-                        loaded.prefix.insert(tokens.to_vec(), kv);
-                    }
-                }
+                loaded.retire(&gone, |k| index.get(&k).map(|&i| running[i].seq.history()))?;
                 let in_batch: std::collections::HashSet<u64> = loaded.batch.keys().iter().copied().collect();
                 let mut joining: Vec<(u64, &mut Sequence)> = running
                     .iter_mut()
@@ -518,19 +524,18 @@ impl Scheduler {
                     .map(|r| (r.key, &mut r.seq))
                     .collect();
                 // The prompt's keys and values (all but its last token) go to the prefix cache.
-                let prompts: Vec<Vec<u32>> = joining
-                    .iter()
-                    .map(|(_, s)| s.prompt()[..s.cached_tokens().max(0) as usize].to_vec())
-                    .collect();
+                let prompts: Vec<Vec<u32>> = if loaded.prefix.enabled() {
+                    joining.iter().map(|(_, s)| s.prompt()[..s.cached_tokens().max(0) as usize].to_vec()).collect()
+                } else {
+                    Vec::new()
+                };
                 let caches = if joining.is_empty() {
                     Vec::new()
                 } else {
                     loaded.model.join(&mut loaded.batch, std::mem::take(&mut joining))?
                 };
-                if caching {
-                    for (tokens, kv) in prompts.into_iter().zip(caches) {
-                        loaded.prefix.insert(tokens, kv);
-                    }
+                for (tokens, kv) in prompts.into_iter().zip(caches) {
+                    loaded.prefix.insert(tokens, kv);
                 }
                 if loaded.batch.is_empty() {
                     return Ok(None);
@@ -671,7 +676,6 @@ impl Scheduler {
     /// Takes the rows of ended requests out of their models' batches; the keys and values of
     /// those that did not fail go to the prefix cache with the tokens they hold.
     fn leave_batches(&mut self, ended: &[Request]) {
-        let caching = self.config.prefix_cache_bytes > 0;
         let mut failed = Vec::new();
         for (name, loaded) in &mut self.models {
             let gone: Vec<&Request> = ended.iter().filter(|r| &r.model == name && loaded.batch.contains(r.key)).collect();
@@ -679,18 +683,13 @@ impl Scheduler {
                 continue;
             }
             let keys: Vec<u64> = gone.iter().map(|r| r.key).collect();
-            let keep = |k: u64| {
-                caching && gone.iter().any(|r| r.key == k && !matches!(r.done, Some((FinishReason::Error, _))))
+            let history = |k: u64| {
+                gone.iter()
+                    .find(|r| r.key == k && !matches!(r.done, Some((FinishReason::Error, _))))
+                    .map(|r| r.seq.history())
             };
-            match loaded.batch.remove(&keys, keep) {
-                Ok(left) => {
-                    for (key, kv) in left {
-                        let Some(r) = gone.iter().find(|r| r.key == key) else { continue };
-                        if let Some(tokens) = r.seq.history().get(..kv.offset().max(0) as usize) {
-                            loaded.prefix.insert(tokens.to_vec(), kv);
-                        }
-                    }
-                }
+            match loaded.retire(&keys, history) {
+                Ok(()) => {}
                 Err(e) => {
                     tracing::error!(model = %name, error = %e, "leaving the batch failed");
                     failed.push((name.clone(), loaded.batch.keys().to_vec(), e));
