@@ -91,6 +91,17 @@ pub enum Kind {
 impl Kind {
     const ALL: [Kind; 5] = [Kind::DirectRequest, Kind::SseRequest, Kind::JsonRequest, Kind::DirectStream, Kind::SseStream];
 
+    /// The prompt of round `round`: new to the worker that gets it (workers keep a prefix cache),
+    /// the same for the two requests compared with each other, and of the same length for all.
+    fn prompt(self, round: usize) -> String {
+        let variant = match self {
+            Kind::DirectRequest | Kind::SseRequest => 'a',
+            Kind::JsonRequest => 'b',
+            Kind::DirectStream | Kind::SseStream => 'c',
+        };
+        format!("Round {round} ({variant}): tell me about the license and what it allows.")
+    }
+
     pub fn direct(self) -> bool {
         matches!(self, Kind::DirectRequest | Kind::DirectStream)
     }
@@ -159,7 +170,6 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
     let mut runs: Vec<Run> = Vec::new();
     let mut cpu_before = 0;
     for round in 0..args.warmup + args.rounds {
-        let prompt = format!("Round {round}: tell me about the license and what it allows.");
         let mut order = Kind::ALL;
         if round % 2 == 1 {
             order.reverse();
@@ -173,6 +183,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             cpu_before = cpu;
             let max_tokens = kind.max_tokens(args.tokens);
             let id = format!("ovh-{round:06}-{}", kind as u8);
+            let prompt = kind.prompt(round);
             let sample = if kind.direct() {
                 let mut req = GenerateRequest::new(
                     id,
