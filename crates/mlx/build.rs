@@ -20,6 +20,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MLX_PYTHON");
     println!("cargo:rerun-if-changed=shim/shim.cpp");
     println!("cargo:rerun-if-changed=shim/shim.h");
+    println!("cargo:rerun-if-changed=shim/internal.h");
+    println!("cargo:rerun-if-changed=shim/gemm.cpp");
 
     let root = find_mlx().unwrap_or_else(|why| panic!("{why}\n\n{INSTALL_HINT}"));
     let include = root.join("include");
@@ -29,10 +31,14 @@ fn main() {
         .cpp(true)
         .std("c++20")
         .file("shim/shim.cpp")
+        .file("shim/gemm.cpp")
         .include(&include)
         .include("shim")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
+        // gemm.cpp repeats MLX's float32 operations one for one: no fused multiply-add.
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-Wno-psabi")
         .compile("mlxshim");
 
     println!("cargo:rustc-link-search=native={}", lib.display());

@@ -11,10 +11,51 @@ fn packed(in_features: i32, q: Quantization) -> i32 {
     in_features * q.bits / 32
 }
 
-/// `y = x W^T + b`, dense or MLX affine-quantized.
+/// `y = x W^T + b`, dense or MLX affine-quantized. On the CPU a bfloat16 weight is kept packed
+/// for [`fast::packed_matmul`], which gives MLX's own products faster.
 pub enum Linear {
     Dense { weight: Array, bias: Option<Array> },
+    Packed { weight: PackedWeight, bias: Option<Array> },
     Quantized { weight: Array, scales: Array, biases: Array, bias: Option<Array>, q: Quantization },
+}
+
+/// A bfloat16 weight `[n, k]` packed for [`fast::packed_matmul`].
+pub struct PackedWeight {
+    packed: Array,
+    n: i32,
+}
+
+impl PackedWeight {
+    /// Packs `weight` when products with it run on the CPU and the packed product is offered
+    /// there for its type (and `bias`'s).
+    fn pack(weight: &Array, bias: Option<&Array>) -> Result<Option<PackedWeight>> {
+        let bf16 = |a: &Array| a.dtype() == Dtype::Bfloat16;
+        if mlx::default_device() != mlx::Device::Cpu
+            || !fast::packed_matmul_supported()
+            || weight.ndim() != 2
+            || !bf16(weight)
+            || !bias.is_none_or(bf16)
+        {
+            return Ok(None);
+        }
+        let packed = fast::pack_weight(weight)?;
+        packed.eval()?;
+        Ok(Some(PackedWeight { packed, n: weight.dim(0) }))
+    }
+
+    /// `x W^T (+ bias)`, as `matmul` (or `addmm`) with the original weight would give it.
+    fn forward(&self, x: &Array, bias: Option<&Array>) -> Result<Array> {
+        if x.dtype() == Dtype::Bfloat16 {
+            return Ok(fast::packed_matmul(x, &self.packed, self.n, bias)?);
+        }
+        // Another input type: MLX's own product with the weight unpacked.
+        let (groups, k) = (self.packed.dim(0), self.packed.dim(1));
+        let weight = self.packed.transpose(&[0, 2, 1])?.reshape(&[groups * 8, k])?.slice_axis(0, 0, self.n)?;
+        Ok(match bias {
+            Some(b) => b.addmm(x, &weight.t()?, 1.0, 1.0)?,
+            None => x.matmul(&weight.t()?)?,
+        })
+    }
 }
 
 impl Linear {
@@ -33,7 +74,13 @@ impl Linear {
                     q,
                 })
             }
-            None => Ok(Linear::Dense { weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?, bias }),
+            None => {
+                let weight = w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?;
+                Ok(match PackedWeight::pack(&weight, bias.as_ref())? {
+                    Some(weight) => Linear::Packed { weight, bias },
+                    None => Linear::Dense { weight, bias },
+                })
+            }
         }
     }
 
@@ -41,6 +88,7 @@ impl Linear {
         Ok(match self {
             Linear::Dense { weight, bias: None } => x.matmul(&weight.t()?)?,
             Linear::Dense { weight, bias: Some(b) } => b.addmm(x, &weight.t()?, 1.0, 1.0)?,
+            Linear::Packed { weight, bias } => weight.forward(x, bias.as_ref())?,
             Linear::Quantized { weight, scales, biases, bias, q } => {
                 let y = fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?;
                 match bias {
@@ -54,6 +102,7 @@ impl Linear {
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         match self {
             Linear::Dense { weight, bias } => std::iter::once(weight).chain(bias.as_ref()).collect(),
+            Linear::Packed { weight, bias } => std::iter::once(&weight.packed).chain(bias.as_ref()).collect(),
             Linear::Quantized { weight, scales, biases, bias, .. } => {
                 [weight, scales, biases].into_iter().chain(bias.as_ref()).collect()
             }
@@ -81,12 +130,14 @@ fn check_group(prefix: &str, in_f: i32, q: Quantization) -> Result<()> {
 
 /// Token embeddings, dense or quantized, usable as the output projection when tied.
 pub enum Embedding {
-    Dense { weight: Array },
+    /// `packed`: the weight packed for the output projection on the CPU, when tied.
+    Dense { weight: Array, packed: Option<PackedWeight> },
     Quantized { weight: Array, scales: Array, biases: Array, q: Quantization },
 }
 
 impl Embedding {
-    pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, vocab: i32, dim: i32) -> Result<Embedding> {
+    /// `tied`: the embeddings are also the output projection.
+    pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, vocab: i32, dim: i32, tied: bool) -> Result<Embedding> {
         match quantization(w, cfg, prefix) {
             Some(q) => {
                 check_group(prefix, dim, q)?;
@@ -98,13 +149,17 @@ impl Embedding {
                     q,
                 })
             }
-            None => Ok(Embedding::Dense { weight: w.take_shaped(&format!("{prefix}.weight"), &[vocab, dim])? }),
+            None => {
+                let weight = w.take_shaped(&format!("{prefix}.weight"), &[vocab, dim])?;
+                let packed = if tied { PackedWeight::pack(&weight, None)? } else { None };
+                Ok(Embedding::Dense { weight, packed })
+            }
         }
     }
 
     pub fn forward(&self, ids: &Array) -> Result<Array> {
         Ok(match self {
-            Embedding::Dense { weight } => weight.take(ids, 0)?,
+            Embedding::Dense { weight, .. } => weight.take(ids, 0)?,
             Embedding::Quantized { weight, scales, biases, q } => fast::dequantize(
                 &weight.take(ids, 0)?,
                 &scales.take(ids, 0)?,
@@ -118,7 +173,8 @@ impl Embedding {
     /// `x E^T`: the tied output projection.
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
         Ok(match self {
-            Embedding::Dense { weight } => x.matmul(&weight.t()?)?,
+            Embedding::Dense { packed: Some(p), .. } => p.forward(x, None)?,
+            Embedding::Dense { weight, packed: None } => x.matmul(&weight.t()?)?,
             Embedding::Quantized { weight, scales, biases, q } => {
                 fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?
             }
@@ -127,7 +183,7 @@ impl Embedding {
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         match self {
-            Embedding::Dense { weight } => vec![weight],
+            Embedding::Dense { weight, packed } => std::iter::once(weight).chain(packed.as_ref().map(|p| &p.packed)).collect(),
             Embedding::Quantized { weight, scales, biases, .. } => vec![weight, scales, biases],
         }
     }

@@ -10,13 +10,10 @@
 #include <utility>
 #include <vector>
 
+#include "internal.h"
 #include "mlx/mlx.h"
 
 namespace mx = mlx::core;
-
-struct mlxs_array {
-  mx::array a;
-};
 
 struct mlxs_safetensors {
   std::vector<std::pair<std::string, mx::array>> arrays;
@@ -113,6 +110,8 @@ std::vector<mx::array> swiglu_impl(const std::vector<mx::array>& in) {
 }
 
 }  // namespace
+
+void mlxs_set_error(const char* what) { set_error(what); }
 
 extern "C" {
 

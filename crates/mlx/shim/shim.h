@@ -172,6 +172,15 @@ mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base
 // `mask_mode` is "" or "causal"; `mask` (nullable) is an additive or boolean mask array.
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale,
                       const char* mask_mode, const mlxs_array* mask);
+// A bfloat16 matrix product on the CPU with exactly the results of MLX's own (gemm.cpp).
+// 1 where offered (everywhere but Apple's Accelerate build of MLX), else 0.
+int mlxs_packed_matmul_supported(void);
+// A 2-D bfloat16 weight [n, k] packed as [ceil(n / 8), k, 8] for mlxs_packed_matmul.
+mlxs_array* mlxs_pack_weight(const mlxs_array* w);
+// x [..., k] bfloat16 times the packed weight's [n, k] transposed, plus bias [n] when not NULL:
+// what mlxs_matmul(x, w^T) (or mlxs_addmm(bias, x, w^T, 1, 1)) gives, on the CPU stream.
+mlxs_array* mlxs_packed_matmul(const mlxs_array* x, const mlxs_array* packed, int n, const mlxs_array* bias /* nullable */);
+
 // silu(gate) * x, compiled as one fused function, as mlx-lm's `swiglu`.
 mlxs_array* mlxs_swiglu(const mlxs_array* gate, const mlxs_array* x);
 

@@ -69,6 +69,27 @@ pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
     wrap(unsafe { ffi::mlxs_swiglu(gate.raw(), x.raw()) })
 }
 
+/// Whether [`packed_matmul`] is offered here: everywhere but Apple's Accelerate build of MLX, whose
+/// CPU product sums in another order.
+pub fn packed_matmul_supported() -> bool {
+    // SAFETY: no arguments.
+    unsafe { ffi::mlxs_packed_matmul_supported() == 1 }
+}
+
+/// Packs a bfloat16 weight `[n, k]` for [`packed_matmul`] (`[ceil(n / 8), k, 8]`, lazy).
+pub fn pack_weight(w: &Array) -> Result<Array> {
+    // SAFETY: a live handle.
+    wrap(unsafe { ffi::mlxs_pack_weight(w.raw()) })
+}
+
+/// `x @ w.T` (plus `bias`, as `addmm`) for bfloat16 `x [..., k]` and a weight `[n, k]` packed by
+/// [`pack_weight`], on the CPU: the same values as MLX's own product, bit for bit, computed with
+/// several rows and columns at once.
+pub fn packed_matmul(x: &Array, packed: &Array, n: i32, bias: Option<&Array>) -> Result<Array> {
+    // SAFETY: live handles or null.
+    wrap(unsafe { ffi::mlxs_packed_matmul(x.raw(), packed.raw(), n, opt(bias)) })
+}
+
 /// `x @ dequantize(w).T` (or without the transpose) for MLX affine-quantized weights.
 pub fn quantized_matmul(
     x: &Array,
@@ -104,6 +125,63 @@ pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<(Array, Array, 
 mod tests {
     use super::*;
     use crate::Dtype;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    fn bf16(data: &[f32], shape: &[i32]) -> Result<Array> {
+        Array::from_slice(data, shape)?.astype(Dtype::Bfloat16)
+    }
+
+    #[test]
+    fn the_packed_matmul_gives_mlxs_products_bit_for_bit() -> Result<()> {
+        if !packed_matmul_supported() {
+            return Ok(());
+        }
+        let mut seed = 1;
+        for m in [1, 2, 3, 4, 5, 8, 9, 33] {
+            for k in [16, 100, 128, 129, 300] {
+                for n in [1, 7, 8, 9, 33, 130] {
+                    seed += 1;
+                    let x = bf16(&noise((m * k) as usize, seed), &[m, k])?;
+                    let w = bf16(&noise((n * k) as usize, seed + 1000), &[n, k])?;
+                    let b = bf16(&noise(n as usize, seed + 2000), &[n])?;
+                    let p = pack_weight(&w)?;
+                    let ours = packed_matmul(&x, &p, n, None)?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+                    let theirs = x.matmul(&w.t()?)?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+                    assert_eq!(ours, theirs, "matmul m={m} k={k} n={n}");
+                    let ours = packed_matmul(&x, &p, n, Some(&b))?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+                    let theirs = b.addmm(&x, &w.t()?, 1.0, 1.0)?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+                    assert_eq!(ours, theirs, "addmm m={m} k={k} n={n}");
+                }
+            }
+        }
+        // Leading axes, and a transposed (non-contiguous) input.
+        let x = bf16(&noise(2 * 3 * 64, 7), &[2, 3, 64])?;
+        let w = bf16(&noise(40 * 64, 8), &[40, 64])?;
+        let p = pack_weight(&w)?;
+        let ours = packed_matmul(&x, &p, 40, None)?;
+        assert_eq!(ours.shape(), vec![2, 3, 40]);
+        let theirs = x.matmul(&w.t()?)?;
+        assert_eq!(ours.astype(Dtype::Float32)?.to_vec::<f32>()?, theirs.astype(Dtype::Float32)?.to_vec::<f32>()?);
+        let xt = bf16(&noise(64 * 5, 9), &[64, 5])?.t()?;
+        let ours = packed_matmul(&xt, &p, 40, None)?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+        let theirs = xt.matmul(&w.t()?)?.astype(Dtype::Float32)?.to_vec::<f32>()?;
+        assert_eq!(ours, theirs);
+        // Wrong inputs are refused with a message.
+        let e = packed_matmul(&x, &p, 41, None).unwrap_err().to_string();
+        assert!(e.contains("packed weight"), "{e}");
+        let e = packed_matmul(&x.astype(Dtype::Float32)?, &p, 40, None).unwrap_err().to_string();
+        assert!(e.contains("bfloat16"), "{e}");
+        Ok(())
+    }
 
     #[test]
     fn quantize_round_trip_and_kernels() -> Result<()> {

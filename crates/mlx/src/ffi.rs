@@ -148,6 +148,9 @@ unsafe extern "C" {
     ) -> Arr;
     pub fn mlxs_sdpa(q: CArr, k: CArr, v: CArr, scale: f32, mask_mode: *const c_char, mask: CArr) -> Arr;
     pub fn mlxs_swiglu(gate: CArr, x: CArr) -> Arr;
+    pub fn mlxs_packed_matmul_supported() -> i32;
+    pub fn mlxs_pack_weight(w: CArr) -> Arr;
+    pub fn mlxs_packed_matmul(x: CArr, packed: CArr, n: i32, bias: CArr) -> Arr;
 
     pub fn mlxs_random_key(seed: u64) -> Arr;
     pub fn mlxs_random_split(key: CArr, a: *mut Arr, b: *mut Arr) -> i32;

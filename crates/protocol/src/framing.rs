@@ -81,10 +81,17 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
-/// Writes one message per line and flushes it.
+/// Writes one message per line and flushes it. The message and its newline go out in one write,
+/// so a reader on an unbuffered pipe gets the whole line at once.
 pub async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, msg: &str) -> io::Result<()> {
-    w.write_all(msg.as_bytes()).await?;
-    w.write_all(b"\n").await?;
+    let mut line = Vec::with_capacity(msg.len() + 1);
+    line.extend_from_slice(msg.as_bytes());
+    line.push(b'\n');
+    write_whole_line(w, &line).await
+}
+
+async fn write_whole_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> io::Result<()> {
+    w.write_all(line).await?;
     w.flush().await
 }
 
@@ -109,7 +116,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> TransportSenderT for PipeSender<W> 
     type Error = TransportError;
 
     async fn send(&mut self, msg: String) -> Result<(), TransportError> {
-        Ok(write_line(&mut self.0, &msg).await?)
+        let mut line = msg.into_bytes();
+        line.push(b'\n');
+        Ok(write_whole_line(&mut self.0, &line).await?)
     }
 
     async fn close(&mut self) -> Result<(), TransportError> {

@@ -119,7 +119,7 @@ impl Transformer {
                 post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), dim, c.rms_norm_eps)?,
             });
         }
-        let embed_tokens = Embedding::load(w, c, "model.embed_tokens", c.vocab_size, dim)?;
+        let embed_tokens = Embedding::load(w, c, "model.embed_tokens", c.vocab_size, dim, spec.tie_word_embeddings)?;
         let norm = RmsNorm::load(w, "model.norm", dim, c.rms_norm_eps)?;
         let lm_head = if spec.tie_word_embeddings {
             None
