@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -106,7 +107,10 @@ class Worker:
         self.p = subprocess.Popen(
             [binary, "--device", device, "--max-sequences", str(max_sequences),
              "--kv-cache-bytes", str(kv_bytes), "--heartbeat-ms", "60000", *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20,
+            # The engine thread's step timing: a line every 256 steps and when it goes idle.
+            env={**os.environ, "RUST_LOG": "info,mlx_serving_worker::scheduler=debug"})
+        self.timings = []
         self.next_id = 0
         self.cv = threading.Condition()
         self.responses = {}
@@ -119,7 +123,11 @@ class Worker:
     def _drain_err(self):
         self.stderr_tail = []
         for line in self.p.stderr:
-            self.stderr_tail = (self.stderr_tail + [line.decode(errors="replace").rstrip()])[-20:]
+            text = line.decode(errors="replace").rstrip()
+            if "step timing" in text:
+                self.timings.append({k: float(v) for k, v in re.findall(r"(\w+_ms|steps)=([0-9.]+)", text)})
+                continue
+            self.stderr_tail = (self.stderr_tail + [text])[-20:]
 
     def _read(self):
         for line in self.p.stdout:
@@ -372,10 +380,18 @@ def mlx_lm_batch1(model_dir, prompts, prompt_len, decode, prefill_len, runs):
 
 def ours_batch1(w, prompts, prompt_len, decode, prefill_len, runs):
     dec, dec_w, pre, pre_w, short = [], [], [], [], []
+    decode_timing = []
     for r in range(runs + 1):
+        # The engine's step timing of the decode request alone (the first run warms up and
+        # compiles kernels, so it is left out).
+        time.sleep(0.2)
+        mark = len(w.timings)
         (t, evs), = w.generate([({"token_ids": prompts.ids_of(prompt_len)}, decode)])
         s = stream_stats(t, evs)
         assert s["n"] == decode, s
+        time.sleep(0.2)
+        if r:
+            decode_timing += w.timings[mark:]
         (t, evs), = w.generate([({"token_ids": prompts.ids_of(prefill_len)}, 1)])
         p = stream_stats(t, evs)
         if r:
@@ -386,7 +402,8 @@ def ours_batch1(w, prompts, prompt_len, decode, prefill_len, runs):
             pre_w.append(prefill_len / (p["ttft_worker_ms"] / 1000))
     return {"decode_tps": statistics.median(dec), "decode_runs": dec, "decode_worker_tps": statistics.median(dec_w),
             "prefill_tps": statistics.median(pre), "prefill_worker_tps": statistics.median(pre_w),
-            "prefill_ttft_s": prefill_len / statistics.median(pre), "ttft_short_s": statistics.median(short)}
+            "prefill_ttft_s": prefill_len / statistics.median(pre), "ttft_short_s": statistics.median(short),
+            "step_timing": decode_timing}
 
 
 def aggregate_round(server, prompts, level, prompt_len, max_tokens):
@@ -448,6 +465,12 @@ def bench_model(name, mdir, a, bw, deadline):
             return {"roofline_tps": streams * bw / step_bytes, "share": tps / (streams * bw / step_bytes)}
         b1_ctx = a.prompt + a.decode / 2
         rec["batch1_ours"] = ours_batch1(w, prompts, a.prompt, a.decode, a.prefill, a.runs)
+        t = rec["batch1_ours"]["step_timing"]
+        if t:
+            n = sum(x["steps"] for x in t)
+            mean = {k: sum(x[k] * x["steps"] for x in t) / n for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")}
+            rec["batch1_ours"]["step_timing_mean_ms"] = mean
+            log("  ours   batch-1 decode step timing (ms per step): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in mean.items()))
         rec["batch1_ours"].update(roof(rec["batch1_ours"]["decode_tps"], 1, b1_ctx))
         log(f"  ours   batch-1 decode {rec['batch1_ours']['decode_tps']:.1f} tok/s, prefill {rec['batch1_ours']['prefill_tps']:.0f} tok/s")
         save()

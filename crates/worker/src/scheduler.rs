@@ -112,6 +112,65 @@ pub struct Scheduler {
     /// Set by shutdown: admit nothing, cancel what runs at this instant.
     deadline: Option<Instant>,
     counts: RequestCounts,
+    timing: StepTiming,
+}
+
+/// Where the engine thread's time goes, summed over the steps since the last report: a debug
+/// log line every [`StepTiming::EVERY`] steps and when the engine goes idle
+/// (`RUST_LOG=mlx_serving_worker::scheduler=debug`).
+/// `build`: building one step's graph and handing it to MLX, of which `submit` is MLX's
+/// `async_eval` (on a GPU it also launches the step's kernels); `wait`: blocked until the previous step's tokens can be read; `prefill`:
+/// prefill chunks, evaluated in place; `rest`: the rest of the loop (events, text, admission).
+#[derive(Default)]
+struct StepTiming {
+    steps: u32,
+    loop_start: Option<Instant>,
+    prefill: Duration,
+    build: Duration,
+    /// The part of `build` in `async_eval`.
+    submit: Duration,
+    wait: Duration,
+    /// Whole passes of the loop.
+    total: Duration,
+}
+
+impl StepTiming {
+    const EVERY: u32 = 256;
+
+    /// Ends one pass of the loop (started at the previous call).
+    fn lap(&mut self) {
+        let now = Instant::now();
+        if let Some(start) = self.loop_start.replace(now) {
+            self.total += now - start;
+        }
+    }
+
+    fn step_done(&mut self) {
+        self.steps += 1;
+        if self.steps >= Self::EVERY {
+            self.report();
+        }
+    }
+
+    /// Logs the means since the last report, if any step ran since.
+    fn report(&mut self) {
+        if self.steps == 0 {
+            return;
+        }
+        self.lap();
+        let per = |d: Duration| (d.as_secs_f64() * 1e6 / f64::from(self.steps)).round() / 1e3;
+        let rest = self.total.saturating_sub(self.prefill + self.build + self.wait);
+        tracing::debug!(
+            steps = self.steps,
+            build_ms = per(self.build),
+            submit_ms = per(self.submit),
+            wait_ms = per(self.wait),
+            prefill_ms = per(self.prefill),
+            rest_ms = per(rest),
+            "step timing (means per step)"
+        );
+        *self = StepTiming { loop_start: self.loop_start, ..StepTiming::default() };
+    }
 }
 
 impl Scheduler {
@@ -127,6 +186,7 @@ impl Scheduler {
             next_key: 0,
             deadline: None,
             counts: RequestCounts::default(),
+            timing: StepTiming::default(),
         }
     }
 
@@ -166,6 +226,10 @@ impl Scheduler {
             self.step();
             self.sweep();
             self.publish();
+            if self.idle() {
+                self.timing.report();
+                self.timing.loop_start = None;
+            }
             if self.deadline.is_some() && self.idle() {
                 break;
             }
@@ -457,11 +521,24 @@ impl Scheduler {
     }
 
     fn step(&mut self) {
+        let timed = tracing::enabled!(tracing::Level::DEBUG);
+        if timed {
+            self.timing.lap();
+        }
+        let t0 = Instant::now();
         self.prefill_one_chunk();
+        let t1 = Instant::now();
         let next = self.start_decode();
+        let t2 = Instant::now();
         let previous = std::mem::replace(&mut self.in_flight, next);
-        self.read(previous);
+        let waited = self.read(previous);
         self.shared.steps.fetch_add(1, Relaxed);
+        if timed {
+            self.timing.prefill += t1 - t0;
+            self.timing.build += t2 - t1;
+            self.timing.wait += waited;
+            self.timing.step_done();
+        }
     }
 
     /// One chunk of prompt tokens (`prefill_chunk` at most), from the oldest prompts still
@@ -506,6 +583,7 @@ impl Scheduler {
     fn start_decode(&mut self) -> Vec<Pending> {
         let mut out = Vec::new();
         let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+        let submit = &mut self.timing.submit;
         for (name, loaded) in &mut self.models {
             let running = &mut self.running;
             let gone: Vec<u64> = loaded
@@ -569,7 +647,9 @@ impl Scheduler {
                     .chain(logprobs.as_ref())
                     .chain(top.iter().flatten().flat_map(|(i, v)| [i, v]))
                     .collect();
+                let t = Instant::now();
                 mlx::async_eval(&arrays)?;
+                *submit += t.elapsed();
                 Ok(Some(Pending { rows: step.rows, tokens: step.tokens, logprobs, top }))
             })();
             match result {
@@ -589,10 +669,14 @@ impl Scheduler {
         out
     }
 
-    /// Reads sampled tokens and turns them into events and stop decisions.
-    fn read(&mut self, pending: Vec<Pending>) {
+    /// Reads sampled tokens and turns them into events and stop decisions. Returns the time spent
+    /// waiting for the values.
+    fn read(&mut self, pending: Vec<Pending>) -> Duration {
+        let mut waited = Duration::ZERO;
         for p in pending {
+            let t = Instant::now();
             let values = p.tokens.to_vec::<u32>().and_then(|t| Ok((t, p.logprobs.as_ref().map(Array::to_vec::<f32>).transpose()?)));
+            waited += t.elapsed();
             let (tokens, logprobs) = match values {
                 Ok(v) => v,
                 Err(e) => {
@@ -648,6 +732,7 @@ impl Scheduler {
                 }
             }
         }
+        waited
     }
 
     /// Ends every request marked done: sends its final event and frees its place and memory.
