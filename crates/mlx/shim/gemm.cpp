@@ -178,18 +178,6 @@ class PackedMatmul : public mx::UnaryPrimitive {
   bool bias_;
 };
 
-template <typename F>
-mlxs_array* guarded(F&& f) {
-  try {
-    return new mlxs_array{f()};
-  } catch (const std::exception& e) {
-    mlxs_set_error(e.what());
-  } catch (...) {
-    mlxs_set_error(nullptr);
-  }
-  return nullptr;
-}
-
 }  // namespace
 
 extern "C" {
@@ -197,7 +185,7 @@ extern "C" {
 int mlxs_packed_matmul_supported(void) { return MLXS_PACKED_GEMM; }
 
 mlxs_array* mlxs_pack_weight(const mlxs_array* w) {
-  return guarded([&] {
+  return guard([&] {
     const auto& a = w->a;
     if (a.ndim() != 2 || a.dtype() != mx::bfloat16) {
       throw std::invalid_argument("pack_weight: a 2-D bfloat16 weight [out, in] is needed");
@@ -211,7 +199,7 @@ mlxs_array* mlxs_pack_weight(const mlxs_array* w) {
 }
 
 mlxs_array* mlxs_packed_matmul(const mlxs_array* x, const mlxs_array* packed, int n, const mlxs_array* bias) {
-  return guarded([&]() -> mx::array {
+  return guard([&]() -> mx::array {
     if (!MLXS_PACKED_GEMM) {
       throw std::runtime_error("the packed bfloat16 matmul is not available on this platform");
     }

@@ -77,19 +77,6 @@ std::vector<mx::array> to_vec(mlxs_array* const* arrays, size_t n) {
   return v;
 }
 
-// Runs `f`, which returns an mx::array, and wraps the result; on exception returns NULL.
-template <typename F>
-mlxs_array* guard(F&& f) {
-  try {
-    return wrap(f());
-  } catch (const std::exception& e) {
-    set_error(e.what());
-  } catch (...) {
-    set_error(nullptr);
-  }
-  return nullptr;
-}
-
 // Runs `f`, which returns nothing; returns 0 or -1.
 template <typename F>
 int guard_status(F&& f) {

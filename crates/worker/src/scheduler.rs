@@ -119,8 +119,9 @@ pub struct Scheduler {
 /// log line every [`StepTiming::EVERY`] steps and when the engine goes idle
 /// (`RUST_LOG=mlx_serving_worker::scheduler=debug`).
 /// `build`: building one step's graph and handing it to MLX, of which `submit` is MLX's
-/// `async_eval` (on a GPU it also launches the step's kernels); `wait`: blocked until the previous step's tokens can be read; `prefill`:
-/// prefill chunks, evaluated in place; `rest`: the rest of the loop (events, text, admission).
+/// `async_eval` (on a GPU it also launches the step's kernels); `wait`: blocked until the
+/// previous step's tokens can be read; `prefill`: prefill chunks, evaluated in place; `rest`: the
+/// rest of the loop (events, text, admission).
 #[derive(Default)]
 struct StepTiming {
     steps: u32,
