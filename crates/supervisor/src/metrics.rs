@@ -64,12 +64,29 @@ pub fn queue_wait(model: &str, seconds: f64) {
     histogram!("mlx_queue_wait_seconds", "model" => model.to_string()).record(seconds);
 }
 
-pub fn time_to_first_token(model: &str, seconds: f64) {
-    histogram!("mlx_time_to_first_token_seconds", "model" => model.to_string()).record(seconds);
+/// A request's handles to its model's per-token latency histograms: looked up once per request,
+/// recorded on every token.
+pub struct TokenLatency {
+    first: metrics::Histogram,
+    gap: metrics::Histogram,
 }
 
-pub fn inter_token(model: &str, seconds: f64) {
-    histogram!("mlx_inter_token_latency_seconds", "model" => model.to_string()).record(seconds);
+impl TokenLatency {
+    pub fn new(model: &str) -> TokenLatency {
+        TokenLatency {
+            first: histogram!("mlx_time_to_first_token_seconds", "model" => model.to_string()),
+            gap: histogram!("mlx_inter_token_latency_seconds", "model" => model.to_string()),
+        }
+    }
+
+    pub fn first_token(&self, seconds: f64) {
+        self.first.record(seconds);
+    }
+
+    /// `n` tokens that arrived together, `seconds` apart on average.
+    pub fn gaps(&self, seconds: f64, n: usize) {
+        self.gap.record_many(seconds, n);
+    }
 }
 
 pub fn tokens(model: &str, prompt: usize, completion: usize) {

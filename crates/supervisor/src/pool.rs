@@ -59,7 +59,7 @@ fn fingerprint(r: &GenerateRequest) -> u64 {
 }
 
 pub struct Pool {
-    config: Arc<RwLock<Config>>,
+    config: Arc<RwLock<Arc<Config>>>,
     slots: Mutex<Vec<Arc<Slot>>>,
     next_slot: AtomicU64,
     next_request: AtomicU64,
@@ -275,7 +275,7 @@ impl Pool {
         };
         let workers = config.pool.workers;
         let changed = Arc::new(Notify::new());
-        let config = Arc::new(RwLock::new(config));
+        let config = Arc::new(RwLock::new(Arc::new(config)));
         let pool = Arc::new(Pool {
             ctx: Arc::new(SlotContext { config: config.clone(), changed: changed.clone() }),
             config,
@@ -300,7 +300,7 @@ impl Pool {
         for _ in 0..workers {
             pool.add_slot(None);
         }
-        for group in pool.config().pool.groups {
+        for group in pool.config().pool.groups.clone() {
             for _ in 0..group.workers {
                 pool.add_slot(Some(group.name.clone()));
             }
@@ -308,7 +308,8 @@ impl Pool {
         pool
     }
 
-    pub fn config(&self) -> Config {
+    /// The current configuration (a shared snapshot: cheap to take on every request).
+    pub fn config(&self) -> Arc<Config> {
         self.config.read().map(|c| c.clone()).unwrap_or_default()
     }
 
@@ -1047,7 +1048,7 @@ impl Pool {
     /// Grows or shrinks the pool to `n` workers; shrinking drains and stops the newest first.
     pub async fn scale(&self, n: usize) -> Result<usize, PoolError> {
         if let Ok(mut c) = self.config.write() {
-            c.pool.workers = n;
+            Arc::make_mut(&mut c).pool.workers = n;
         }
         self.scale_group(None, n).await;
         Ok(self.group_slots(None).len())
@@ -1082,7 +1083,7 @@ impl Pool {
         let workers = config.pool.workers;
         let groups: Vec<(String, usize)> = config.pool.groups.iter().map(|g| (g.name.clone(), g.workers)).collect();
         if let Ok(mut c) = self.config.write() {
-            *c = config;
+            *c = Arc::new(config);
         }
         self.scale_group(None, workers).await;
         for (name, n) in &groups {

@@ -251,12 +251,12 @@ async fn complete(
                 let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let mut body = match req.route {
                     Route::Chat => json!({
-                        "id": format!("chatcmpl-{}", meta.id), "object": "chat.completion", "created": created, "model": req.model,
+                        "id": req.route.response_id(&meta.id), "object": "chat.completion", "created": created, "model": req.model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": reason}],
                         "usage": openai::usage(&f.usage),
                     }),
                     Route::Completions => json!({
-                        "id": format!("cmpl-{}", meta.id), "object": "text_completion", "created": created, "model": req.model,
+                        "id": req.route.response_id(&meta.id), "object": "text_completion", "created": created, "model": req.model,
                         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}],
                         "usage": openai::usage(&f.usage),
                     }),

@@ -23,6 +23,22 @@ impl Route {
         }
     }
 
+    /// The id of a response (`chatcmpl-…`, `cmpl-…`) to the request `id`.
+    pub fn response_id(self, id: &str) -> String {
+        match self {
+            Route::Chat => format!("chatcmpl-{id}"),
+            Route::Completions => format!("cmpl-{id}"),
+        }
+    }
+
+    /// The `object` of a streamed chunk.
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Route::Chat => "chat.completion.chunk",
+            Route::Completions => "text_completion",
+        }
+    }
+
     pub fn prompt_param(self) -> &'static str {
         match self {
             Route::Chat => "messages",

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use mlx_serving_protocol::{FinalEvent, GenerateEvent, TokenEvent};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::openai::{self, Route, ValidRequest};
@@ -26,24 +27,21 @@ pub struct Meta {
     model: String,
     arrived: Instant,
     last_token: Option<Instant>,
+    latency: Option<crate::metrics::TokenLatency>,
     finished: bool,
 }
 
 impl Meta {
     pub fn new(req: &ValidRequest, id: &str, arrived: Instant) -> Meta {
-        Meta { id: id.to_string(), route: req.route, model: req.model.clone(), arrived, last_token: None, finished: false }
+        Meta { id: id.to_string(), route: req.route, model: req.model.clone(), arrived, last_token: None, latency: None, finished: false }
     }
 
     pub fn on_tokens(&mut self, n: usize) {
         let now = Instant::now();
+        let latency = self.latency.get_or_insert_with(|| crate::metrics::TokenLatency::new(&self.model));
         match self.last_token {
-            None => crate::metrics::time_to_first_token(&self.model, now.duration_since(self.arrived).as_secs_f64()),
-            Some(t) if n > 0 => {
-                let gap = now.duration_since(t).as_secs_f64() / n as f64;
-                for _ in 0..n {
-                    crate::metrics::inter_token(&self.model, gap);
-                }
-            }
+            None => latency.first_token(now.duration_since(self.arrived).as_secs_f64()),
+            Some(t) if n > 0 => latency.gaps(now.duration_since(t).as_secs_f64() / n as f64, n),
             Some(_) => {}
         }
         self.last_token = Some(now);
@@ -76,6 +74,8 @@ struct State {
     /// An event read ahead while merging tokens.
     held: Option<GenerateEvent>,
     out: VecDeque<Event>,
+    /// `chatcmpl-…` or `cmpl-…`: the same on every chunk of the stream.
+    chunk_id: String,
     created: u64,
     include_usage: bool,
     logprobs: bool,
@@ -93,6 +93,7 @@ pub fn sse(
     let route = meta.route;
     let mut state = State {
         created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        chunk_id: route.response_id(&meta.id),
         include_usage: req.include_usage,
         logprobs: req.logprobs,
         token_ids: req.return_token_ids,
@@ -103,7 +104,7 @@ pub fn sse(
         done: false,
     };
     if route == Route::Chat {
-        let role = state.chunk(json!({"role": "assistant", "content": ""}), None, Value::Null);
+        let role = state.chunk(Delta { role: Some("assistant"), content: Some("") }, None);
         state.out.push_back(role);
     }
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -175,59 +176,96 @@ impl State {
         self.meta.on_tokens(n);
         let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
         let logprobs = if self.logprobs { openai::logprobs(self.meta.route, &tokens) } else { Value::Null };
-        let mut chunk = self.chunk_value(json!({"content": text}), None, logprobs);
-        if self.token_ids {
-            chunk["choices"][0]["token_ids"] = json!(tokens.iter().flat_map(|t| t.token_ids.iter()).collect::<Vec<_>>());
-        }
-        self.out.push_back(Event::default().data(chunk.to_string()));
+        let ids: Vec<u32> = if self.token_ids { tokens.iter().flat_map(|t| t.token_ids.iter().copied()).collect() } else { Vec::new() };
+        let delta = Delta { role: None, content: Some(&text) };
+        let chunk = self.chunk_with(delta, None, &logprobs, self.token_ids.then_some(&ids));
+        self.out.push_back(chunk);
     }
 
     fn push_final(&mut self, f: FinalEvent) {
         if !f.text.is_empty() {
-            let chunk = self.chunk(json!({"content": f.text}), None, Value::Null);
+            let chunk = self.chunk(Delta { role: None, content: Some(&f.text) }, None);
             self.out.push_back(chunk);
         }
         self.meta.on_final(&f);
-        let chunk = self.chunk(json!({}), Some(openai::finish_reason(f.finish_reason)), Value::Null);
+        let chunk = self.chunk(Delta::default(), Some(openai::finish_reason(f.finish_reason)));
         self.out.push_back(chunk);
         if self.include_usage {
-            let mut usage = self.base();
-            usage["choices"] = json!([]);
-            usage["usage"] = openai::usage(&f.usage);
-            self.out.push_back(Event::default().data(usage.to_string()));
+            let usage = Chunk {
+                id: &self.chunk_id,
+                object: self.meta.route.chunk_object(),
+                created: self.created,
+                model: &self.meta.model,
+                choices: &[],
+                usage: Some(Some(openai::usage(&f.usage))),
+            };
+            self.out.push_back(event(&usage));
         }
         self.out.push_back(Event::default().data("[DONE]"));
         self.meta.finish(200);
         self.done = true;
     }
 
-    fn base(&self) -> Value {
-        let (id, object) = match self.meta.route {
-            Route::Chat => (format!("chatcmpl-{}", self.meta.id), "chat.completion.chunk"),
-            Route::Completions => (format!("cmpl-{}", self.meta.id), "text_completion"),
-        };
-        json!({"id": id, "object": object, "created": self.created, "model": self.meta.model})
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+        self.chunk_with(delta, finish_reason, &Value::Null, None)
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>, logprobs: Value) -> Event {
-        Event::default().data(self.chunk_value(delta, finish_reason, logprobs).to_string())
-    }
-
-    fn chunk_value(&self, delta: Value, finish_reason: Option<&str>, logprobs: Value) -> Value {
-        let mut c = self.base();
+    /// One chunk with one choice, serialised straight from borrowed parts.
+    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&Vec<u32>>) -> Event {
         let choice = match self.meta.route {
-            Route::Chat => json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}),
-            Route::Completions => json!({
-                "index": 0,
-                "text": delta.get("content").cloned().unwrap_or(json!("")),
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }),
+            Route::Chat => Choice { index: 0, delta: Some(delta), text: None, logprobs, finish_reason, token_ids },
+            Route::Completions => {
+                Choice { index: 0, delta: None, text: Some(delta.content.unwrap_or("")), logprobs, finish_reason, token_ids }
+            }
         };
-        c["choices"] = json!([choice]);
-        if self.include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
+        event(&Chunk {
+            id: &self.chunk_id,
+            object: self.meta.route.chunk_object(),
+            created: self.created,
+            model: &self.meta.model,
+            choices: &[choice],
+            usage: self.include_usage.then_some(None),
+        })
     }
+}
+
+fn event<T: Serialize>(chunk: &T) -> Event {
+    Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
+}
+
+/// A streamed chunk in OpenAI's format.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [Choice<'a>],
+    /// `null` on every chunk when the client asked for usage (`stream_options.include_usage`),
+    /// the usage on the last one; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<Value>>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    /// Chat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Delta<'a>>,
+    /// Completions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: &'a Value,
+    finish_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a Vec<u32>>,
+}
+
+#[derive(Default, Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
 }

@@ -128,13 +128,13 @@ pub struct Slot {
 
 /// What the slot's task reads from the pool.
 pub struct SlotContext {
-    pub config: Arc<std::sync::RwLock<Config>>,
+    pub config: Arc<std::sync::RwLock<Arc<Config>>>,
     /// Notified whenever any slot changes state.
     pub changed: Arc<Notify>,
 }
 
 impl SlotContext {
-    fn config(&self) -> Config {
+    fn config(&self) -> Arc<Config> {
         self.config.read().map(|c| c.clone()).unwrap_or_default()
     }
 }
