@@ -7,9 +7,11 @@
 #
 #   bash benches/gpu.sh prepare          # .gpu/p1, .gpu/p2 (shared/gpu/prepare.sh) and .gpu/x1
 #   device call 1, carry [".gpu/p1", ".gpu/x1"]:   bash benches/gpu.sh stash
-#   device call 2, carry [".gpu/p2"], timeout 600: bash benches/gpu.sh run [bench.py arguments]
+#   device call 2, carry [".gpu/p2", ".gpu/x2"], timeout 600: bash benches/gpu.sh run [bench.py arguments]
 #   more calls while the machine is still warm (within 30 s) need no new call 1, e.g.
 #   GPU_BENCH_SECONDS=410 bash benches/gpu.sh run --models llama3-8b-q4
+# The pool through the supervisor (1 and 2 workers on the one GPU, side by side):
+#   bash benches/gpu.sh run --pool --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32
 #
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
 # call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
@@ -26,15 +28,19 @@ prepare)
   grep -qx '/.gpu/' .git/info/exclude || echo /.gpu/ >> .git/info/exclude
   [ -f .gpu/p1/libmlx.part.aa ] || bash ../shared/gpu/prepare.sh
   export MLX_PYTHON=${MLX_PYTHON:-$root/.venv/bin/python}
-  cargo build --release --locked --bins -p mlx-serving-worker >&2
+  cargo build --release --locked --bins -p mlx-serving-worker -p mlx-serving >&2
   # One call may carry 64 MiB with the working tree (about 21 MB): the cutlass wheel and the
   # worker (stripped, xz) go with call 1, which stashes them beside part 1 of libmlx.so.
   mkdir -p .gpu/x1
   [ ! -f .gpu/p2/nvidia_cutlass-4.2.0.0-py3-none-any.whl ] || mv .gpu/p2/nvidia_cutlass-*.whl .gpu/x1/
   strip --strip-unneeded -o .gpu/x1/mlx-serving-worker target/release/mlx-serving-worker
   xz -T0 -6 -f .gpu/x1/mlx-serving-worker
+  # The supervisor goes with call 2, for the pool measurement (--pool).
+  mkdir -p .gpu/x2
+  strip --strip-unneeded -o .gpu/x2/mlx-serving target/release/mlx-serving
+  xz -T0 -6 -f .gpu/x2/mlx-serving
   tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  for c in ".gpu/p1 .gpu/x1" ".gpu/p2"; do
+  for c in ".gpu/p1 .gpu/x1" ".gpu/p2 .gpu/x2"; do
     echo "call carrying $c: $(( (tree + $(du -cb $c | tail -1 | cut -f1)) / 1048576 )) MiB of 64"
   done
   ;;
@@ -49,6 +55,11 @@ run)
   [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
   cp $stash/nvidia_cutlass-*.whl .gpu/p2/
   xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
+  serve=()
+  if [ -f .gpu/x2/mlx-serving.xz ]; then
+    xz -dc .gpu/x2/mlx-serving.xz > /tmp/mlx-serving && chmod +x /tmp/mlx-serving
+    serve=(--serve /tmp/mlx-serving)
+  fi
   # shellcheck disable=SC1091
   set +eu; source .gpu/p2/setup.sh; rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
   out=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$out"
@@ -59,13 +70,13 @@ run)
   echo "setup took $(( $(date +%s) - start )) s; bench budget $budget s"
   set -o pipefail
   PYTHONUNBUFFERED=1 timeout $(( budget + 70 )) python3 benches/gpu/bench.py --out "$out" \
-    --binary /tmp/mlx-serving-worker --budget-s "$budget" "$@" 2>&1 | tee "$out/log.txt" || echo "bench.py exited with $?"
+    --binary /tmp/mlx-serving-worker "${serve[@]}" --budget-s "$budget" "$@" 2>&1 | tee "$out/log.txt" || echo "bench.py exited with $?"
   [ -f "$out/table.md" ] && cat "$out/table.md"
   ;;
 local)
   shift
   PY=${PY:-$root/.venv-bench/bin/python}
-  "$PY" benches/gpu/bench.py --out "${OUT:-/tmp/gpu-bench-local}" --device cpu --work /tmp/gpu-bench-local-models \
+  "$PY" benches/gpu/bench.py --out "${OUT:-/tmp/gpu-bench-local}" --device cpu --serve target/release/mlx-serving --work /tmp/gpu-bench-local-models \
     --models qwen3-tiny-bf16 llama3-tiny-q4 --levels 1 4 --prompt 64 --decode 32 --prefill 256 --agg-tokens 16 \
     --runs 1 --rounds 1 --bw-gib 0.25 --kv-cache-bytes 1000000000 --parity-models qwen3-bf16 llama-q4g32 "$@"
   ;;

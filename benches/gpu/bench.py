@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -273,6 +274,97 @@ class MlxLmServer:
             self.p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.p.kill()
+
+
+class PoolServer(MlxLmServer):
+    """`mlx-serving serve` with `workers` worker processes on one device, over its OpenAI API."""
+
+    def __init__(self, serve, worker, model_dir, workers, max_sequences, kv_bytes, device, tmp):
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.port = ports[0]
+        self.model = "m"
+        cfg = Path(tmp) / f"pool-{workers}.toml"
+        cmd = json.dumps([worker, "--max-sequences", str(max_sequences), "--kv-cache-bytes", str(kv_bytes // workers)])
+        cfg.write_text(f"""[pool]
+workers = {workers}
+worker_command = {cmd}
+device = "{device}"
+max_in_flight_per_worker = {max_sequences}
+start_timeout_ms = 600000
+stall_timeout_ms = 600000
+[http]
+listen = "127.0.0.1:{ports[0]}"
+max_tokens = 100000
+[admin]
+listen = "127.0.0.1:{ports[1]}"
+[logging]
+level = "warn"
+[[models]]
+name = "m"
+path = "{model_dir}"
+preload = true
+""")
+        self.log = open(Path(tmp) / f"pool-{workers}.log", "wb")
+        self.p = subprocess.Popen([serve, "serve", "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
+        t = time.time()
+        while time.time() - t < 600:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"mlx-serving exited: {(Path(tmp) / f'pool-{workers}.log').read_text()[-2000:]}")
+            try:
+                if self.ready_workers() >= workers:
+                    self.post_once("hello", 2)
+                    return
+            except OSError:  # 503 until a worker is ready
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("mlx-serving did not get ready")
+
+    def ready_workers(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=5) as r:
+            return json.load(r).get("ready_workers", 0)
+
+    def close(self):
+        super().close()
+        self.log.close()
+
+
+def pool_model(name, mdir, a, deadline):
+    """Aggregate through the supervisor with 1 and with 2 workers on the same GPU, the two
+    servers up side by side and their rounds alternated."""
+    rec = R["models"].setdefault(name, {}).setdefault("pool", {})
+    prompts = Prompts(mdir)
+    servers = {}
+    try:
+        for n in a.pool_workers:
+            servers[n] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work)
+            log(f"  pool of {n} worker(s) ready")
+        for s in servers.values():
+            aggregate_round(s, prompts, 2, 16, 8)  # warm-up
+        order = list(servers)
+        for lv in a.levels:
+            rr = {n: [] for n in servers}
+            for r in range(a.rounds if lv <= 32 else 1):
+                for n in (order if r % 2 == 0 else order[::-1]):
+                    if time.time() > deadline:
+                        break
+                    rr[n].append(aggregate_round(servers[n], prompts, lv, a.prompt, a.agg_tokens))
+            for n, xs in rr.items():
+                if not xs:
+                    R["skipped"].append(f"{name}: pool of {n} at {lv} streams: time budget")
+                    continue
+                best = sorted(xs, key=lambda x: x["tps"])[len(xs) // 2]
+                best["rounds"] = [round(x["tps"], 1) for x in xs]
+                rec.setdefault(str(n), {})[str(lv)] = best
+                log(f"    pool of {n} {lv:4d} streams {best['tps']:9.1f} tok/s  ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms "
+                    f"p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}")
+            save()
+    finally:
+        for s in servers.values():
+            s.close()
 
 
 # ---------------------------------------------------------------- prompts
@@ -528,6 +620,22 @@ def table():
             x1 = f"{a['tps'] / o['1']['tps']:.1f}x" if a and o.get("1") else "-"
             L.append(f"| {name} | {lv} | {f(a)} | {f(b)} | {ratio} | {t(a)} | {t(b)} | "
                      f"{a['share'] * 100:.0f} % | {x1} |" if a else f"| {name} | {lv} | - | {f(b)} | - | - | {t(b)} | - | - |")
+    pools = {name: m["pool"] for name, m in R.get("models", {}).items() if m.get("pool")}
+    if pools:
+        L.append("")
+        L.append("| model | streams | workers on the GPU | tok/s | x one worker | TTFT p50 / p95 ms | rounds tok/s |")
+        L.append("|---|---|---|---|---|---|---|")
+        for name, p in pools.items():
+            levels = sorted({lv for per in p.values() for lv in per}, key=int)
+            for lv in levels:
+                base = p.get("1", {}).get(lv)
+                for n in sorted(p, key=int):
+                    x = p[n].get(lv)
+                    if not x:
+                        continue
+                    rel = f"{x['tps'] / base['tps']:.2f}x" if base else "-"
+                    L.append(f"| {name} | {lv} | {n} | {x['tps']:.0f} | {rel} | {x['ttft_p50_s'] * 1000:.0f} / "
+                             f"{x['ttft_p95_s'] * 1000:.0f} | {x['rounds']} |")
     if R.get("parity"):
         L.append("")
         dev = R["env"]["device"]
@@ -565,6 +673,11 @@ def main():
     ap.add_argument("--grace-s", type=float, default=45, help="after the budget, how long a started step may still wait")
     ap.add_argument("--parity-models", nargs="*", help="fixture models for the parity step (default: all)")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--serve", help="mlx-serving (the supervisor): with --pool-workers, measure the pool instead")
+    ap.add_argument("--pool-workers", type=int, nargs="*", default=[1, 2],
+                    help="with --pool: pool sizes on the one device, measured side by side")
+    ap.add_argument("--pool", action="store_true",
+                    help="only the aggregate through the supervisor, for each pool size (needs --serve)")
     a = ap.parse_args()
     OUT = Path(a.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -583,7 +696,7 @@ def main():
     est = dict(kv.split("=") for kv in a.est.split(","))
     R["models"] = {}
     steps = list(a.models)
-    if not a.skip_parity:  # after the first three models: the performance figures come first
+    if not a.skip_parity and not a.pool:  # after the first three models: the performance figures come first
         steps.insert(min(3, len(steps)), "parity")
     for name in steps:
         guess = next((float(v) for k, v in est.items() if name.startswith(k)), 120.0)
@@ -606,7 +719,10 @@ def main():
         log("model", name)
         try:
             R["models"][name] = {"made": mm.build(name, Path(a.work) / name, tok)}
-            bench_model(name, str(Path(a.work) / name), a, bw, deadline)
+            if a.pool:
+                pool_model(name, str(Path(a.work) / name), a, deadline)
+            else:
+                bench_model(name, str(Path(a.work) / name), a, bw, deadline)
         except Exception as e:  # noqa: BLE001
             R["models"].setdefault(name, {})["error"] = repr(e)
             log("model failed:", name, repr(e))
