@@ -245,6 +245,11 @@ class MlxLmServer:
                            "stream": True, "stream_options": {"include_usage": True}})
         c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = c.getresponse()
+        if r.status != 200:
+            body = r.read().decode(errors="replace")[:500]
+            c.close()
+            return {"t_sent": t_sent, "t_first": None, "t_last": time.perf_counter(), "n": 0, "prompt_tokens": None,
+                    "ttft_client_s": None, "error": f"HTTP {r.status}: {body}"}
         t_first, usage = None, None
         while True:
             line = r.readline()
@@ -342,10 +347,12 @@ def pool_model(name, mdir, a, deadline):
         for n in a.pool_workers:
             servers[n] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work)
             log(f"  pool of {n} worker(s) ready")
-        for s in servers.values():
-            aggregate_round(s, prompts, 2, 16, 8)  # warm-up
         order = list(servers)
         for lv in a.levels:
+            # A first batch of a new size compiles kernels (MLX CUDA JIT) in each worker process:
+            # one unmeasured round per server at every level.
+            for s in servers.values():
+                aggregate_round(s, prompts, lv, a.prompt, 8)
             rr = {n: [] for n in servers}
             for r in range(a.rounds if lv <= 32 else 1):
                 for n in (order if r % 2 == 0 else order[::-1]):
@@ -365,6 +372,8 @@ def pool_model(name, mdir, a, deadline):
     finally:
         for s in servers.values():
             s.close()
+        for f in Path(a.work).glob("pool-*.log"):  # the supervisors' logs, for failures
+            (OUT / f"{name}-{f.name}").write_bytes(f.read_bytes()[-200000:])
 
 
 # ---------------------------------------------------------------- prompts
@@ -508,6 +517,11 @@ def aggregate_round(server, prompts, level, prompt_len, max_tokens):
         t0 = time.perf_counter()
         with ThreadPoolExecutor(level) as pool:
             st = list(pool.map(lambda x: server.post(x, max_tokens), texts))
+    failed = [s["error"] for s in st if s.get("error")]
+    if failed:
+        log(f"    {len(failed)} of {level} requests failed, the first: {failed[0]}")
+    if not any(s["t_first"] for s in st):
+        raise RuntimeError(f"no stream of {level} got a token" + (f": {failed[0]}" if failed else ""))
     t_end = max(s["t_last"] for s in st)
     toks = sum(s["n"] for s in st)
     ttft = [s["ttft_client_s"] for s in st if s["ttft_client_s"] is not None]
