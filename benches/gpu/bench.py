@@ -250,7 +250,7 @@ class MlxLmServer:
             c.close()
             return {"t_sent": t_sent, "t_first": None, "t_last": time.perf_counter(), "n": 0, "prompt_tokens": None,
                     "ttft_client_s": None, "error": f"HTTP {r.status}: {body}"}
-        t_first, usage = None, None
+        t_first, usage, error = None, None, None
         while True:
             line = r.readline()
             if not line:
@@ -262,6 +262,8 @@ class MlxLmServer:
             if data == b"[DONE]":
                 break
             msg = json.loads(data)
+            if msg.get("error"):
+                error = f"error event: {json.dumps(msg['error'])[:500]}"
             if msg.get("usage"):
                 usage = msg["usage"]
             if t_first is None and msg.get("choices"):
@@ -271,7 +273,7 @@ class MlxLmServer:
         return {"t_sent": t_sent, "t_first": t_first, "t_last": t_end,
                 "n": usage["completion_tokens"] if usage else 0,
                 "prompt_tokens": usage["prompt_tokens"] if usage else None,
-                "ttft_client_s": (t_first - t_sent) if t_first else None}
+                "ttft_client_s": (t_first - t_sent) if t_first else None, "error": error}
 
     def close(self):
         self.p.terminate()
