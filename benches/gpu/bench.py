@@ -347,8 +347,12 @@ def pool_model(name, mdir, a, deadline):
     servers = {}
     try:
         for n in a.pool_workers:
-            servers[n] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work)
+            servers[str(n)] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work)
             log(f"  pool of {n} worker(s) ready")
+        # The same worker called directly over its pipes, every request of a round sent at once.
+        w = Worker(a.binary, a.device, max(a.levels), a.kv_cache_bytes)
+        servers["direct"] = w
+        w.call("load_model", {"model": "m", "path": mdir})
         order = list(servers)
         for lv in a.levels:
             # A first batch of a new size compiles kernels (MLX CUDA JIT) in each worker process:
@@ -368,7 +372,7 @@ def pool_model(name, mdir, a, deadline):
                 best = sorted(xs, key=lambda x: x["tps"])[len(xs) // 2]
                 best["rounds"] = [round(x["tps"], 1) for x in xs]
                 rec.setdefault(str(n), {})[str(lv)] = best
-                log(f"    pool of {n} {lv:4d} streams {best['tps']:9.1f} tok/s  ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms "
+                log(f"    {n:>6} {lv:4d} streams {best['tps']:9.1f} tok/s  ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms "
                     f"p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}")
             save()
     finally:
@@ -613,6 +617,9 @@ def table():
     L.append(f"device: {R['env'].get('nvidia_smi')} | mlx {R['env']['mlx']} ({R['env']['device']}), mlx-lm {R['env']['mlx_lm']}")
     if bw:
         L.append(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write of a {R['bandwidth']['array_bytes'] / 2**30:.0f} GiB bf16 array, median)")
+    if not any(m.get("batch1_ours") or m.get("aggregate_ours") for m in R.get("models", {}).values()):
+        L = L[:-1] if L and L[-1] == "" else L  # the pool alone (--pool)
+        return pool_table(L)
     L.append("")
     L.append("| model | weights GB | ours decode tok/s | mlx-lm decode tok/s | ratio | ours % roofline | mlx-lm % roofline | ours prefill tok/s | mlx-lm prefill tok/s |")
     L.append("|---|---|---|---|---|---|---|---|---|")
@@ -636,16 +643,20 @@ def table():
             x1 = f"{a['tps'] / o['1']['tps']:.1f}x" if a and o.get("1") else "-"
             L.append(f"| {name} | {lv} | {f(a)} | {f(b)} | {ratio} | {t(a)} | {t(b)} | "
                      f"{a['share'] * 100:.0f} % | {x1} |" if a else f"| {name} | {lv} | - | {f(b)} | - | - | {t(b)} | - | - |")
+    return pool_table(L)
+
+
+def pool_table(L):
     pools = {name: m["pool"] for name, m in R.get("models", {}).items() if m.get("pool")}
     if pools:
         L.append("")
-        L.append("| model | streams | workers on the GPU | tok/s | x one worker | TTFT p50 / p95 ms | rounds tok/s |")
+        L.append("| model | streams | workers behind the supervisor (direct: one worker over its pipes) | tok/s | x one worker | TTFT p50 / p95 ms | rounds tok/s |")
         L.append("|---|---|---|---|---|---|---|")
         for name, p in pools.items():
             levels = sorted({lv for per in p.values() for lv in per}, key=int)
             for lv in levels:
                 base = p.get("1", {}).get(lv)
-                for n in sorted(p, key=int):
+                for n in sorted(p, key=lambda k: (not k.isdigit(), k)):
                     x = p[n].get(lv)
                     if not x:
                         continue
