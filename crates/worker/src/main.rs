@@ -68,6 +68,15 @@ struct Args {
     /// one skip that part of the prefill; 0 turns the prefix cache off.
     #[arg(long, default_value_t = 512 << 20)]
     prefix_cache_bytes: u64,
+    /// MLX's memory limit in bytes: past it, an allocation first waits for running work to
+    /// free memory. Workers that share one GPU each need their share here. 0 keeps MLX's own
+    /// (the device's recommended working set).
+    #[arg(long, default_value_t = 0)]
+    memory_limit_bytes: u64,
+    /// Bytes of freed buffers MLX keeps for reuse. What one worker keeps, other processes on
+    /// the same GPU cannot use. MLX's own when absent (the memory limit); 0 keeps none.
+    #[arg(long)]
+    cache_limit_bytes: Option<u64>,
 }
 
 fn main() {
@@ -112,6 +121,14 @@ fn run(args: Args) -> Result<()> {
         DeviceArg::Auto | DeviceArg::Cpu => mlx::Device::Cpu,
         DeviceArg::Gpu => mlx::Device::Gpu,
     };
+    if args.memory_limit_bytes > 0 {
+        let before = mlx::memory::set_memory_limit(args.memory_limit_bytes as usize);
+        tracing::info!(bytes = args.memory_limit_bytes, before, "MLX memory limit");
+    }
+    if let Some(bytes) = args.cache_limit_bytes {
+        let before = mlx::memory::set_cache_limit(bytes as usize);
+        tracing::info!(bytes, before, "MLX buffer-cache limit");
+    }
     let config = EngineConfig {
         device,
         max_sequences: args.max_sequences as usize,

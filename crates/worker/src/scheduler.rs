@@ -571,6 +571,7 @@ impl Scheduler {
                 self.shared.prefilled_tokens.fetch_add(counts.iter().sum::<usize>() as u64, Relaxed);
             }
             Err(e) => {
+                after_mlx_error(&e);
                 for r in group {
                     r.end(FinishReason::Error, Some(failure(&e)));
                 }
@@ -658,6 +659,7 @@ impl Scheduler {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!(model = %name, error = %e, "decode step failed");
+                    after_mlx_error(&e);
                     for r in self.running.iter_mut().filter(|r| &r.model == name) {
                         if !r.seq.needs_prefill() {
                             r.end(FinishReason::Error, Some(failure(&e)));
@@ -682,6 +684,7 @@ impl Scheduler {
                 Ok(v) => v,
                 Err(e) => {
                     let e = EngineError::from(e);
+                    after_mlx_error(&e);
                     for r in self.running.iter_mut().filter(|r| p.rows.iter().any(|(k, _)| *k == r.key)) {
                         r.end(FinishReason::Error, Some(failure(&e)));
                     }
@@ -938,6 +941,56 @@ fn engine_error(e: EngineError) -> ErrorObjectOwned {
     }
 }
 
+/// Exit status of a worker whose device context is lost.
+pub const DEVICE_LOST_EXIT: i32 = 70;
+
+/// Errors after which the process's GPU context is unusable: CUDA's sticky errors. Every later
+/// call in the process fails the same way.
+fn device_lost(message: &str) -> bool {
+    const STICKY: &[&str] = &[
+        "illegal memory access",
+        "unspecified launch failure",
+        "illegal instruction",
+        "misaligned address",
+        "device-side assert",
+        "hardware stack error",
+        "uncorrectable ECC error",
+    ];
+    STICKY.iter().any(|s| message.contains(s))
+}
+
+/// What a failed MLX step leaves behind. Out of device memory: the buffer cache goes back, so
+/// the next step has room. A lost device context: the worker exits at once, without final
+/// events, so that the supervisor replaces it and resumes its streams on another worker.
+fn after_mlx_error(e: &EngineError) {
+    let message = e.to_string();
+    if device_lost(&message) {
+        tracing::error!(error = %message, "the device context is lost; exiting so that a new worker takes over");
+        std::process::exit(DEVICE_LOST_EXIT);
+    }
+    if message.contains("out of memory") {
+        tracing::warn!(cache_bytes = mlx::memory::cache(), "out of device memory; returning the buffer cache");
+        mlx::memory::clear_cache();
+    }
+}
+
 fn failure(e: &EngineError) -> ErrorInfo {
     ErrorInfo::new(ErrorCode::EngineFailure, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_lost;
+
+    #[test]
+    fn only_sticky_device_errors_count_as_a_lost_device() {
+        // Messages MLX CUDA gave on an H200 with several workers sharing the GPU.
+        assert!(device_lost(
+            "MLX: cudaGraphInstantiate(&handle_, graph, nullptr, nullptr, 0) failed: an illegal memory access was encountered"
+        ));
+        assert!(device_lost("MLX: cudaMallocManaged(&data, size) failed: an illegal memory access was encountered"));
+        assert!(!device_lost("MLX: cudaMallocAsync(&data, size, stream) failed: out of memory"));
+        assert!(!device_lost("MLX: cudaGraphInstantiate(&handle_, graph, nullptr, nullptr, 0) failed: out of memory"));
+        assert!(!device_lost("[reshape] Cannot reshape array of size 6 into shape (4)."));
+    }
 }

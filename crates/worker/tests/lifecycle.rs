@@ -113,3 +113,24 @@ async fn closing_stdin_makes_the_worker_exit_within_a_second() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_cache_limits_reach_mlx_and_change_no_token() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut runs = Vec::new();
+        for args in [&[][..], &["--memory-limit-bytes", "1073741824", "--cache-limit-bytes", "0"][..]] {
+            let mut w = with_model(args).await;
+            let got = collect(w.client.generate(request("r", Prompt::Text("Hello there".into()), 16)).await.unwrap()).await;
+            let stats = w.client.stats().await.unwrap();
+            w.client.shutdown(1000).await.unwrap();
+            let _ = w.child.wait().await;
+            runs.push((got.tokens, stats.memory.cache));
+        }
+        eprintln!("buffer cache after a request: {} bytes without limits, {} with a cache limit of 0", runs[0].1, runs[1].1);
+        assert_eq!(runs[0].0, runs[1].0, "the limits changed the tokens");
+        assert_eq!(runs[1].1, 0, "MLX kept freed buffers despite --cache-limit-bytes 0");
+        assert!(runs[0].1 > 0, "without a limit MLX keeps freed buffers for reuse");
+    })
+    .await
+    .expect("test timed out");
+}
