@@ -6,12 +6,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 #include "internal.h"
 #include "mlx/mlx.h"
+#include "mlx/primitives.h"
 
 namespace mx = mlx::core;
 
@@ -105,6 +108,31 @@ extern "C" {
 const char* mlxs_last_error(void) { return last_error.c_str(); }
 
 const char* mlxs_version(void) { return mx::version(); }
+
+const char* mlxs_graph_ops(mlxs_array* const* arrays, size_t n) {
+  static thread_local std::string out;
+  try {
+    std::map<std::string, size_t> counts;
+    std::unordered_set<const void*> seen;
+    std::vector<mx::array> stack = to_vec(arrays, n);
+    while (!stack.empty()) {
+      mx::array a = std::move(stack.back());
+      stack.pop_back();
+      // Outputs of one primitive (siblings) count once.
+      if (!a.has_primitive() || !seen.insert(&a.primitive()).second) continue;
+      counts[a.primitive().name()]++;
+      for (const auto& in : a.inputs()) stack.push_back(in);
+    }
+    out.clear();
+    for (const auto& [name, count] : counts) {
+      out += name + " " + std::to_string(count) + "\n";
+    }
+    return out.c_str();
+  } catch (const std::exception& e) {
+    mlxs_set_error(e.what());
+    return nullptr;
+  }
+}
 
 int mlxs_gpu_available(void) {
   try {

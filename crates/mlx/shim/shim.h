@@ -88,6 +88,9 @@ enum {
 
 const char* mlxs_last_error(void);
 const char* mlxs_version(void);
+/* The primitives not yet evaluated behind `arrays`, one "Name count" line per kind (a diagnostic:
+   how many operations a step costs). Valid until the next call on the same thread; NULL on error. */
+const char* mlxs_graph_ops(mlxs_array* const* arrays, size_t n);
 
 // Devices and memory.
 int mlxs_gpu_available(void);

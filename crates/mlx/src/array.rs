@@ -77,6 +77,24 @@ pub fn eval(arrays: &[&Array]) -> Result<()> {
     status(unsafe { ffi::mlxs_eval(v.as_ptr(), v.len()) })
 }
 
+/// The operations not yet evaluated behind `arrays`, counted by primitive (`Add`, `Matmul`,
+/// `Compiled`, ...), sorted by name: what one step will launch. A diagnostic.
+pub fn graph_ops(arrays: &[&Array]) -> Result<Vec<(String, usize)>> {
+    let v = raws(arrays);
+    // SAFETY: as in eval; the returned string lives until the next call on this thread and is
+    // copied at once.
+    let text = unsafe { ffi::mlxs_graph_ops(v.as_ptr(), v.len()) };
+    if text.is_null() {
+        return Err(last());
+    }
+    // SAFETY: a NUL-terminated string from the shim.
+    let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(name, n)| Some((name.to_string(), n.parse().ok()?))))
+        .collect())
+}
+
 /// Starts computing the given arrays and returns at once; a later [`eval`] or read waits for them.
 pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let v = raws(arrays);
@@ -416,6 +434,19 @@ mod tests {
         assert_eq!(s.to_vec::<f32>()?, vec![3.0, 7.0]);
         assert_eq!(a.argmax(-1, false)?.astype(Dtype::Int32)?.to_vec::<i32>()?, vec![1, 1]);
         assert_eq!(a.slice_axis(1, 1, 2)?.to_vec::<f32>()?, vec![2.0, 4.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn graph_ops_counts_what_is_not_yet_evaluated() -> Result<()> {
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2])?;
+        let b = a.exp()?.add(&a)?;
+        let c = b.matmul(&b)?.add(&b)?;
+        let ops = graph_ops(&[&c])?;
+        assert_eq!(ops, vec![("Add".to_string(), 2), ("Exp".to_string(), 1), ("Matmul".to_string(), 1)]);
+        eval(&[&b])?;
+        let ops = graph_ops(&[&c])?;
+        assert_eq!(ops, vec![("Add".to_string(), 1), ("Matmul".to_string(), 1)], "evaluated arrays are not counted");
         Ok(())
     }
 

@@ -61,6 +61,7 @@ pub const GPU: i32 = 1;
 unsafe extern "C" {
     pub fn mlxs_last_error() -> *const c_char;
     pub fn mlxs_version() -> *const c_char;
+    pub fn mlxs_graph_ops(arrays: *const Arr, n: usize) -> *const c_char;
 
     pub fn mlxs_gpu_available() -> i32;
     pub fn mlxs_set_default_device(device: i32) -> i32;
