@@ -3,6 +3,7 @@
 #include "shim.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -113,13 +114,15 @@ const char* mlxs_graph_ops(mlxs_array* const* arrays, size_t n) {
   static thread_local std::string out;
   try {
     std::map<std::string, size_t> counts;
-    std::unordered_set<const void*> seen;
+    std::unordered_set<std::uintptr_t> seen;
     std::vector<mx::array> stack = to_vec(arrays, n);
     while (!stack.empty()) {
       mx::array a = std::move(stack.back());
       stack.pop_back();
-      // Outputs of one primitive (siblings) count once.
-      if (!a.has_primitive() || !seen.insert(&a.primitive()).second) continue;
+      if (!a.has_primitive() || !seen.insert(a.id()).second) continue;
+      // The outputs of one operation (siblings) count once. Calls of a compiled function share
+      // one primitive object, so operations are told apart by their outputs, not by it.
+      for (const auto& s : a.siblings()) seen.insert(s.id());
       counts[a.primitive().name()]++;
       for (const auto& in : a.inputs()) stack.push_back(in);
     }
