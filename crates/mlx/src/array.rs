@@ -447,6 +447,10 @@ mod tests {
         eval(&[&b])?;
         let ops = graph_ops(&[&c])?;
         assert_eq!(ops, vec![("Add".to_string(), 1), ("Matmul".to_string(), 1)], "evaluated arrays are not counted");
+        // Two calls of one compiled function are two operations.
+        let d = crate::fast::swiglu(&crate::fast::swiglu(&c, &a)?, &a)?;
+        let ops = graph_ops(&[&d])?;
+        assert_eq!(ops.iter().filter(|(name, _)| name.starts_with("Compiled")).map(|(_, n)| n).sum::<usize>(), 2, "{ops:?}");
         Ok(())
     }
 
