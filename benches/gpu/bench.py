@@ -315,12 +315,13 @@ name = "m"
 path = "{model_dir}"
 preload = true
 """)
-        self.log = open(Path(tmp) / f"pool-{workers}.log", "wb")
+        log_path = Path(tmp) / f"pool-{workers}.log"
+        self.log = open(log_path, "wb")
         self.p = subprocess.Popen([serve, "serve", "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
         t = time.time()
         while time.time() - t < 600:
             if self.p.poll() is not None:
-                raise RuntimeError(f"mlx-serving exited: {(Path(tmp) / f'pool-{workers}.log').read_text()[-2000:]}")
+                raise RuntimeError(f"mlx-serving exited: {log_path.read_text()[-2000:]}")
             try:
                 if self.ready_workers() >= workers:
                     self.post_once("hello", 2)

@@ -404,7 +404,8 @@ impl Pool {
         if request.sampling.temperature > 0.0 && request.sampling.seed.is_none() {
             request.sampling.seed = Some(rand::random());
         }
-        let resume_wait = ms(self.config().pool.resume_timeout_ms);
+        let config = self.config();
+        let resume_wait = ms(config.pool.resume_timeout_ms);
         // Tokens the caller has received, for resuming on another worker.
         let mut emitted: Vec<u32> = request.resume_tokens.clone();
         let mut resuming = false;
@@ -412,7 +413,7 @@ impl Pool {
         // Workers that died with this request on them.
         let mut deaths = 0u32;
         let retry_config = *self.budget.config();
-        let prefix_capacity = self.config().pool.prefix_affinity_keys;
+        let prefix_capacity = config.pool.prefix_affinity_keys;
         let prefix = if prefix_capacity > 0 { crate::prefix::keys(&request.model, &request.prompt) } else { Vec::new() };
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();

@@ -942,7 +942,7 @@ fn engine_error(e: EngineError) -> ErrorObjectOwned {
 }
 
 /// Exit status of a worker whose device context is lost.
-pub const DEVICE_LOST_EXIT: i32 = 70;
+const DEVICE_LOST_EXIT: i32 = 70;
 
 /// Errors after which the process's GPU context is unusable: CUDA's sticky errors. Every later
 /// call in the process fails the same way.

@@ -176,9 +176,9 @@ impl State {
         self.meta.on_tokens(n);
         let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
         let logprobs = if self.logprobs { openai::logprobs(self.meta.route, &tokens) } else { Value::Null };
-        let ids: Vec<u32> = if self.token_ids { tokens.iter().flat_map(|t| t.token_ids.iter().copied()).collect() } else { Vec::new() };
+        let ids: Option<Vec<u32>> = self.token_ids.then(|| tokens.iter().flat_map(|t| t.token_ids.iter().copied()).collect());
         let delta = Delta { role: None, content: Some(&text) };
-        let chunk = self.chunk_with(delta, None, &logprobs, self.token_ids.then_some(&ids));
+        let chunk = self.chunk_with(delta, None, &logprobs, ids.as_deref());
         self.out.push_back(chunk);
     }
 
@@ -191,15 +191,8 @@ impl State {
         let chunk = self.chunk(Delta::default(), Some(openai::finish_reason(f.finish_reason)));
         self.out.push_back(chunk);
         if self.include_usage {
-            let usage = Chunk {
-                id: &self.chunk_id,
-                object: self.meta.route.chunk_object(),
-                created: self.created,
-                model: &self.meta.model,
-                choices: &[],
-                usage: Some(Some(openai::usage(&f.usage))),
-            };
-            self.out.push_back(event(&usage));
+            let usage = self.envelope(&[], Some(openai::usage(&f.usage)));
+            self.out.push_back(usage);
         }
         self.out.push_back(Event::default().data("[DONE]"));
         self.meta.finish(200);
@@ -211,26 +204,29 @@ impl State {
     }
 
     /// One chunk with one choice, serialised straight from borrowed parts.
-    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&Vec<u32>>) -> Event {
+    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&[u32]>) -> Event {
         let choice = match self.meta.route {
             Route::Chat => Choice { index: 0, delta: Some(delta), text: None, logprobs, finish_reason, token_ids },
             Route::Completions => {
                 Choice { index: 0, delta: None, text: Some(delta.content.unwrap_or("")), logprobs, finish_reason, token_ids }
             }
         };
-        event(&Chunk {
+        self.envelope(&[choice], None)
+    }
+
+    /// A chunk of this stream with `choices`; `usage` on the last one. When the client asked for
+    /// usage, every other chunk carries `"usage": null`.
+    fn envelope(&self, choices: &[Choice<'_>], usage: Option<Value>) -> Event {
+        let chunk = Chunk {
             id: &self.chunk_id,
             object: self.meta.route.chunk_object(),
             created: self.created,
             model: &self.meta.model,
-            choices: &[choice],
-            usage: self.include_usage.then_some(None),
-        })
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     }
-}
-
-fn event<T: Serialize>(chunk: &T) -> Event {
-    Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
 }
 
 /// A streamed chunk in OpenAI's format.
@@ -259,7 +255,7 @@ struct Choice<'a> {
     logprobs: &'a Value,
     finish_reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    token_ids: Option<&'a Vec<u32>>,
+    token_ids: Option<&'a [u32]>,
 }
 
 #[derive(Default, Serialize)]
