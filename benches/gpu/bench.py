@@ -104,13 +104,13 @@ def copy_bandwidth(gib=4.0, reps=20):
 class Worker:
     """mlx-serving-worker over its pipes; a reader thread timestamps every line as it arrives."""
 
-    def __init__(self, binary, device, max_sequences, kv_bytes, extra=()):
+    def __init__(self, binary, device, max_sequences, kv_bytes, extra=(), env=None):
         self.p = subprocess.Popen(
             [binary, "--device", device, "--max-sequences", str(max_sequences),
              "--kv-cache-bytes", str(kv_bytes), "--heartbeat-ms", "60000", *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20,
             # The engine thread's step timing: a line every 256 steps and when it goes idle.
-            env={**os.environ, "RUST_LOG": "info,mlx_serving_worker::scheduler=debug"})
+            env={**os.environ, **(env or {}), "RUST_LOG": "info,mlx_serving_worker::scheduler=debug"})
         self.timings = []
         self.next_id = 0
         self.cv = threading.Condition()
@@ -610,6 +610,83 @@ def bench_model(name, mdir, a, bw, deadline):
     save()
 
 
+# ---------------------------------------------------------------- batch-1 variants
+
+def mlx_lm_batch1_child(argv):
+    """`bench.py --mlx-lm-batch1 MODEL_DIR PROMPT DECODE PREFILL RUNS`: mlx-lm's batch-1 figures in
+    this process, whose environment (MLX_* variables) MLX reads once; one JSON line on stdout."""
+    mdir, prompt, decode, prefill, runs = argv[0], *map(int, argv[1:5])
+    print(json.dumps(mlx_lm_batch1(mdir, Prompts(mdir), prompt, decode, prefill, runs)))
+
+
+def step_timing_mean(t):
+    n = sum(x["steps"] for x in t)
+    if not n:
+        return None
+    return {k: sum(x[k] * x["steps"] for x in t) / n for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")}
+
+
+def variants_model(name, mdir, a):
+    """Batch-1 decode of our worker with and without stacked projections, and of mlx-lm, under each
+    MLX_MAX_OPS_PER_BUFFER value (kernels per CUDA graph that MLX launches; 0: MLX's default)."""
+    rec = R["models"].setdefault(name, {})
+    rec["variants"] = out = []
+    prompts = Prompts(mdir)
+    for ops in a.variant_ops:
+        env = {"MLX_MAX_OPS_PER_BUFFER": str(ops)} if ops else {}
+        for stack in a.variant_stack:
+            w = Worker(a.binary, a.device, 8, a.kv_cache_bytes, extra=["--stack-projections", stack], env=env)
+            try:
+                w.call("load_model", {"model": "m", "path": mdir})
+                r = ours_batch1(w, prompts, a.prompt, a.decode, a.prefill, a.runs)
+            finally:
+                w.close()
+            r["step_timing_mean_ms"] = step_timing_mean(r.pop("step_timing"))
+            out.append({"engine": "ours", "stack_projections": stack, "max_ops_per_buffer": ops, **r})
+            log(f"  ours   ops/buffer {ops or 'default'} stacked {stack}: decode {r['decode_tps']:.1f} tok/s "
+                f"{[round(x, 1) for x in r['decode_runs']]}, step ms {r['step_timing_mean_ms']}")
+            save()
+        c = subprocess.run([sys.executable, __file__, "--mlx-lm-batch1", mdir, str(a.prompt), str(a.decode), str(a.prefill), str(a.runs)],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=max(60.0, HARD - time.time()))
+        if c.returncode != 0:
+            raise RuntimeError(f"mlx-lm batch-1 failed: {c.stderr[-2000:]}")
+        r = json.loads(c.stdout.strip().splitlines()[-1])
+        out.append({"engine": "mlx-lm", "max_ops_per_buffer": ops, **r})
+        log(f"  mlx-lm ops/buffer {ops or 'default'}: decode {r['decode_tps']:.1f} tok/s {[round(x, 1) for x in r['decode_runs']]}")
+        save()
+
+
+def step_ops(name, mdir, binary):
+    """Operations of one decode step on this device: ours (stacked and separate projections), mlx-lm's."""
+    rec = R["models"].setdefault(name, {})
+    rec["step_ops"] = {}
+    for arg in ("stacked", "separate"):
+        c = subprocess.run([binary, mdir, "1", arg], capture_output=True, text=True, timeout=300)
+        rec["step_ops"][f"ours {arg}"] = c.stdout if c.returncode == 0 else f"failed: {c.stderr[-1000:]}"
+    c = subprocess.run([sys.executable, str(ROOT / "benches/step_ops.py"), mdir], capture_output=True, text=True, timeout=300)
+    rec["step_ops"]["mlx-lm"] = c.stdout if c.returncode == 0 else f"failed: {c.stderr[-1000:]}"
+    for k, v in rec["step_ops"].items():
+        log(f"  step ops {k}: {v.splitlines()[0] if v else ''}")
+    save()
+
+
+def variants_table(L):
+    rows = [(name, v) for name, m in R.get("models", {}).items() for v in m.get("variants", [])]
+    if not rows:
+        return
+    L.append("")
+    L.append("| model | MLX_MAX_OPS_PER_BUFFER | engine | stacked projections | decode tok/s (median) | runs | step ms: build / async_eval / wait |")
+    L.append("|---|---|---|---|---|---|---|")
+    for name, v in rows:
+        t = v.get("step_timing_mean_ms")
+        st = f"{t['build_ms']:.2f} / {t['submit_ms']:.2f} / {t['wait_ms']:.2f}" if t else "-"
+        L.append(f"| {name} | {v['max_ops_per_buffer'] or 'default'} | {v['engine']} | {v.get('stack_projections', '-')} | "
+                 f"{v['decode_tps']:.1f} | {[round(x, 1) for x in v['decode_runs']]} | {st} |")
+    for name, m in R.get("models", {}).items():
+        for k, v in m.get("step_ops", {}).items():
+            L.append(f"\n{name}, {k}: {v.splitlines()[0] if v else '-'}")
+
+
 # ---------------------------------------------------------------- table
 
 def table():
@@ -618,6 +695,7 @@ def table():
     L.append(f"device: {R['env'].get('nvidia_smi')} | mlx {R['env']['mlx']} ({R['env']['device']}), mlx-lm {R['env']['mlx_lm']}")
     if bw:
         L.append(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write of a {R['bandwidth']['array_bytes'] / 2**30:.0f} GiB bf16 array, median)")
+    variants_table(L)
     if not any(m.get("batch1_ours") or m.get("aggregate_ours") for m in R.get("models", {}).values()):
         L = L[:-1] if L and L[-1] == "" else L  # the pool alone (--pool)
         return pool_table(L)
@@ -706,6 +784,11 @@ def main():
                     help="with --pool: pool sizes on the one device, measured side by side")
     ap.add_argument("--pool", action="store_true",
                     help="only the aggregate through the supervisor, for each pool size (needs --serve)")
+    ap.add_argument("--variants", action="store_true",
+                    help="only batch-1 decode, of ours with stacked projections and without and of mlx-lm, per --variant-ops")
+    ap.add_argument("--variant-ops", type=int, nargs="+", default=[0, 100], help="MLX_MAX_OPS_PER_BUFFER values (0: MLX's default)")
+    ap.add_argument("--variant-stack", nargs="+", default=["true", "false"])
+    ap.add_argument("--step-ops", help="the step_ops example binary: count one decode step's operations of each model")
     a = ap.parse_args()
     OUT = Path(a.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -747,7 +830,11 @@ def main():
         log("model", name)
         try:
             R["models"][name] = {"made": mm.build(name, Path(a.work) / name, tok)}
-            if a.pool:
+            if a.step_ops:
+                step_ops(name, str(Path(a.work) / name), a.step_ops)
+            if a.variants:
+                variants_model(name, str(Path(a.work) / name), a)
+            elif a.pool:
                 pool_model(name, str(Path(a.work) / name), a, deadline)
             else:
                 bench_model(name, str(Path(a.work) / name), a, bw, deadline)
@@ -766,4 +853,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--mlx-lm-batch1"]:
+        mlx_lm_batch1_child(sys.argv[2:])
+    else:
+        main()

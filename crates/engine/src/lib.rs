@@ -22,7 +22,7 @@ pub use config::ModelConfig;
 pub use error::{EngineError, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, TextStream, TokenEvent};
 pub use mlx_serving_tokenizer::{ChatMessage, Tokenizer};
-pub use models::Transformer;
+pub use models::{LoadOptions, Transformer};
 pub use sample::{Sampler, SamplingParams};
 pub use sequence::Sequence;
 pub use batch::{Batch, BatchStep};
@@ -43,6 +43,11 @@ pub struct Model {
 impl Model {
     /// Loads a model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json.
     pub fn load(dir: &Path) -> Result<Model> {
+        Model::load_with(dir, LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options.
+    pub fn load_with(dir: &Path, opts: LoadOptions) -> Result<Model> {
         if !dir.is_dir() {
             return Err(EngineError::MissingDir(dir.to_path_buf()));
         }
@@ -50,7 +55,7 @@ impl Model {
         let spec = models::spec_for(&config, dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let mut weights = weights::Weights::load(dir)?;
-        let transformer = Transformer::load(config, spec, &mut weights)?;
+        let transformer = Transformer::load(config, spec, &mut weights, opts)?;
         Ok(Model { transformer, tokenizer, dir: dir.to_path_buf(), context_cap: None })
     }
 

@@ -61,26 +61,19 @@ impl PackedWeight {
 impl Linear {
     /// Loads `{prefix}.weight` (and scales/biases when quantized) of shape `[out, in]`.
     pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, in_f: i32, out_f: i32, bias: bool) -> Result<Linear> {
-        let bias = if bias { Some(w.take_shaped(&format!("{prefix}.bias"), &[out_f])?) } else { None };
-        match quantization(w, cfg, prefix) {
-            Some(q) => {
-                check_group(prefix, in_f, q)?;
-                let groups = in_f / q.group_size;
-                Ok(Linear::Quantized {
-                    weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, packed(in_f, q)])?,
-                    scales: w.take_shaped(&format!("{prefix}.scales"), &[out_f, groups])?,
-                    biases: w.take_shaped(&format!("{prefix}.biases"), &[out_f, groups])?,
-                    bias,
-                    q,
-                })
-            }
-            None => {
-                let weight = w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?;
-                Ok(match PackedWeight::pack(&weight, bias.as_ref())? {
-                    Some(weight) => Linear::Packed { weight, bias },
-                    None => Linear::Dense { weight, bias },
-                })
-            }
+        let q = quantization(w, cfg, prefix);
+        let t = LinearTensors::take(w, prefix, in_f, out_f, q, bias)?;
+        Linear::build(t, q)
+    }
+
+    fn build(t: LinearTensors, q: Option<Quantization>) -> Result<Linear> {
+        let LinearTensors { weight, scales_biases, bias } = t;
+        match (q, scales_biases) {
+            (Some(q), Some((scales, biases))) => Ok(Linear::Quantized { weight, scales, biases, bias, q }),
+            _ => Ok(match PackedWeight::pack(&weight, bias.as_ref())? {
+                Some(weight) => Linear::Packed { weight, bias },
+                None => Linear::Dense { weight, bias },
+            }),
         }
     }
 
@@ -107,6 +100,94 @@ impl Linear {
                 [weight, scales, biases].into_iter().chain(bias.as_ref()).collect()
             }
         }
+    }
+}
+
+/// The tensors of one projection, as the checkpoint has them.
+struct LinearTensors {
+    weight: Array,
+    scales_biases: Option<(Array, Array)>,
+    bias: Option<Array>,
+}
+
+impl LinearTensors {
+    fn take(w: &mut Weights, prefix: &str, in_f: i32, out_f: i32, q: Option<Quantization>, bias: bool) -> Result<LinearTensors> {
+        let bias = if bias { Some(w.take_shaped(&format!("{prefix}.bias"), &[out_f])?) } else { None };
+        Ok(match q {
+            Some(q) => {
+                check_group(prefix, in_f, q)?;
+                let groups = in_f / q.group_size;
+                LinearTensors {
+                    weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, packed(in_f, q)])?,
+                    scales_biases: Some((
+                        w.take_shaped(&format!("{prefix}.scales"), &[out_f, groups])?,
+                        w.take_shaped(&format!("{prefix}.biases"), &[out_f, groups])?,
+                    )),
+                    bias,
+                }
+            }
+            None => LinearTensors { weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?, scales_biases: None, bias },
+        })
+    }
+}
+
+/// Several projections of one input computed as one product: their weights (scales, biases)
+/// stacked along the output axis. Every output is the same dot product as in its own projection,
+/// and a step launches one product instead of several.
+pub struct Stacked {
+    linear: Linear,
+    sizes: Vec<i32>,
+}
+
+impl Stacked {
+    /// Loads `parts` (`(prefix, out_features)`, each `[out, in_f]`) as one projection, or `None`
+    /// when they are not all quantized alike (mlx-lm allows a quantization per module).
+    pub fn load(w: &mut Weights, cfg: &ModelConfig, parts: &[(&str, i32)], in_f: i32, bias: bool) -> Result<Option<Stacked>> {
+        let qs: Vec<Option<Quantization>> = parts.iter().map(|(p, _)| quantization(w, cfg, p)).collect();
+        if parts.len() < 2 || qs.windows(2).any(|pair| pair[0] != pair[1]) {
+            return Ok(None);
+        }
+        let q = qs[0];
+        let mut taken = Vec::with_capacity(parts.len());
+        for &(prefix, out_f) in parts {
+            taken.push(LinearTensors::take(w, prefix, in_f, out_f, q, bias)?);
+        }
+        let stack = |pick: &dyn Fn(&LinearTensors) -> &Array| -> Result<Array> {
+            let v: Vec<&Array> = taken.iter().map(pick).collect();
+            Ok(mlx::concatenate(&v, 0)?)
+        };
+        let weight = stack(&|t| &t.weight)?;
+        let scales_biases = match q {
+            Some(_) => Some((
+                stack(&|t| &t.scales_biases.as_ref().expect("quantized").0)?,
+                stack(&|t| &t.scales_biases.as_ref().expect("quantized").1)?,
+            )),
+            None => None,
+        };
+        let bias = if bias { Some(stack(&|t| t.bias.as_ref().expect("bias taken"))?) } else { None };
+        // The stacked copies replace the checkpoint's arrays.
+        let stacked: Vec<&Array> = std::iter::once(&weight).chain(scales_biases.iter().flat_map(|(s, b)| [s, b])).chain(bias.iter()).collect();
+        mlx::eval(&stacked)?;
+        drop(taken);
+        let linear = Linear::build(LinearTensors { weight, scales_biases, bias }, q)?;
+        Ok(Some(Stacked { linear, sizes: parts.iter().map(|p| p.1).collect() }))
+    }
+
+    /// Every part's output, in the order of `parts`, as views of one product.
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        let y = self.linear.forward(x)?;
+        let axis = y.ndim() as i32 - 1;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(self.sizes.len());
+        for &n in &self.sizes {
+            out.push(y.slice_axis(axis, start, start + n)?);
+            start += n;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn arrays(&self) -> Vec<&Array> {
+        self.linear.arrays()
     }
 }
 

@@ -2,7 +2,7 @@
 mod common;
 
 use mlx::Dtype;
-use mlx_serving_engine::{GenerateParams, Model, Sampler, SamplingParams, Sequence};
+use mlx_serving_engine::{Batch, GenerateParams, LoadOptions, Model, Sampler, SamplingParams, Sequence};
 
 fn tolerance(model: &str) -> f64 {
     // Quantized kernels may accumulate in another order than the reference; dense ones do not.
@@ -134,4 +134,50 @@ fn streamed_text_equals_the_decoded_tokens() {
     // Ids past the tokenizer's vocabulary (the embedding table is padded) carry no text.
     let known: Vec<u32> = done.tokens.iter().copied().filter(|&t| (t as usize) < model.tokenizer.vocab_size()).collect();
     assert_eq!(done.text, model.tokenizer.decode(&known, true).unwrap());
+}
+
+/// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
+/// different lengths), and the first step's log-probabilities of each row.
+fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
+    let mut seqs: Vec<Sequence> = prompts
+        .iter()
+        .map(|p| Sequence::new(model, p.clone(), Sampler::new(SamplingParams::default()).unwrap()).unwrap())
+        .collect();
+    {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        while refs.iter().any(|s| s.needs_prefill()) {
+            model.prefill_chunks(&mut refs, 512).unwrap();
+        }
+    }
+    let mut batch = Batch::new();
+    model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
+    let mut first = Vec::new();
+    for step in 0..steps {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let out = model.decode_batch(&mut batch, &mut refs).unwrap();
+        if step == 0 {
+            first = out.logprobs.astype(Dtype::Float32).unwrap().to_vec::<f32>().unwrap();
+        }
+        let tokens = out.tokens.to_vec::<u32>().unwrap();
+        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+            s.accept(index, t);
+        }
+    }
+    (seqs.iter().map(|s| s.generated().to_vec()).collect(), first)
+}
+
+#[test]
+fn stacked_projections_change_no_value() {
+    // Dense with biases, quantized at two group sizes, q/k norms: every part of a stacked product.
+    for name in ["qwen2-bf16", "qwen3-bf16", "qwen3-q4g64", "llama-q4g32"] {
+        let dir = common::model_dir(name);
+        let stacked = Model::load_with(&dir, LoadOptions { stack_projections: true }).unwrap();
+        let separate = Model::load_with(&dir, LoadOptions { stack_projections: false }).unwrap();
+        assert!(stacked.weight_bytes() == separate.weight_bytes(), "{name}: the same weights");
+        let prompts: Vec<Vec<u32>> = vec![(10..40).collect(), vec![5, 6, 7], (100..117).collect()];
+        let (a_tokens, a_first) = batched_greedy(&stacked, &prompts, 12);
+        let (b_tokens, b_first) = batched_greedy(&separate, &prompts, 12);
+        assert_eq!(a_tokens, b_tokens, "{name}: greedy tokens");
+        assert!(a_first == b_first, "{name}: first-step log-probabilities differ");
+    }
 }

@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub max_context_tokens: usize,
     /// Bytes of keys and values kept per model for prompts that share a prefix (0: none).
     pub prefix_cache_bytes: u64,
+    /// How models are loaded.
+    pub load: mlx_serving_engine::LoadOptions,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;

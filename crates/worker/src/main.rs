@@ -77,6 +77,10 @@ struct Args {
     /// the same GPU cannot use. MLX's own when absent (the memory limit); 0 keeps none.
     #[arg(long)]
     cache_limit_bytes: Option<u64>,
+    /// Compute the query, key and value projections as one matrix product, and the MLP's gate
+    /// and up projections as another (the same values; fewer kernels per step).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    stack_projections: bool,
 }
 
 fn main() {
@@ -138,6 +142,7 @@ fn run(args: Args) -> Result<()> {
         max_line_bytes: args.max_line_bytes,
         max_context_tokens: args.max_context_tokens,
         prefix_cache_bytes: args.prefix_cache_bytes,
+        load: mlx_serving_engine::LoadOptions { stack_projections: args.stack_projections },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(serve(args, config));

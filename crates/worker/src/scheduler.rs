@@ -319,7 +319,7 @@ impl Scheduler {
                 l.path.display()
             )));
         }
-        let mut model = Model::load(&path)
+        let mut model = Model::load_with(&path, self.config.load)
             .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
         model.set_context_cap((self.config.max_context_tokens > 0).then_some(self.config.max_context_tokens));
         let loaded = Loaded {

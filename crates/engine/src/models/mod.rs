@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-pub use transformer::{Segment, Spec, Transformer};
+pub use transformer::{LoadOptions, Segment, Spec, Transformer};
 
 /// The `model_type` values this engine loads.
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];

@@ -18,7 +18,7 @@ use crate::batch::{BatchCache, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
-use crate::nn::{Embedding, Linear, RmsNorm, Rope};
+use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked};
 use crate::weights::Weights;
 
 /// Which optional parts an architecture's attention has.
@@ -42,10 +42,56 @@ pub struct Spec {
     pub max_position_embeddings: Option<i32>,
 }
 
+/// Options of a model's loading that change how it computes, never what.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Stack the query, key and value projections into one product, and the MLP's gate and
+    /// up projections into another (see [`Stacked`]).
+    pub stack_projections: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions { stack_projections: true }
+    }
+}
+
+/// Projections of one input, each on its own or stacked into one product.
+enum Projections {
+    Separate(Vec<Linear>),
+    Stacked(Stacked),
+}
+
+impl Projections {
+    fn load(w: &mut Weights, c: &ModelConfig, parts: &[(&str, i32)], in_f: i32, bias: bool, stack: bool) -> Result<Projections> {
+        if stack && let Some(s) = Stacked::load(w, c, parts, in_f, bias)? {
+            return Ok(Projections::Stacked(s));
+        }
+        let mut v = Vec::with_capacity(parts.len());
+        for &(prefix, out_f) in parts {
+            v.push(Linear::load(w, c, prefix, in_f, out_f, bias)?);
+        }
+        Ok(Projections::Separate(v))
+    }
+
+    fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        match self {
+            Projections::Separate(v) => v.iter().map(|l| l.forward(x)).collect(),
+            Projections::Stacked(s) => s.forward(x),
+        }
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Projections::Separate(v) => v.iter().flat_map(Linear::arrays).collect(),
+            Projections::Stacked(s) => s.arrays(),
+        }
+    }
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// Queries, keys, values.
+    qkv: Projections,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -56,8 +102,8 @@ struct Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// Gate, up.
+    gate_up: Projections,
     down_proj: Linear,
 }
 
@@ -84,7 +130,7 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn load(config: ModelConfig, spec: Spec, w: &mut Weights) -> Result<Transformer> {
+    pub fn load(config: ModelConfig, spec: Spec, w: &mut Weights, opts: LoadOptions) -> Result<Transformer> {
         let c = &config;
         let (dim, heads, kv_heads, hd) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), spec.head_dim);
         if hd <= 0 || hd % 2 != 0 {
@@ -95,9 +141,18 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let a = spec.attention;
             let self_attn = Attention {
-                q_proj: Linear::load(w, c, &format!("{p}.self_attn.q_proj"), dim, heads * hd, a.qkv_bias)?,
-                k_proj: Linear::load(w, c, &format!("{p}.self_attn.k_proj"), dim, kv_heads * hd, a.qkv_bias)?,
-                v_proj: Linear::load(w, c, &format!("{p}.self_attn.v_proj"), dim, kv_heads * hd, a.qkv_bias)?,
+                qkv: Projections::load(
+                    w,
+                    c,
+                    &[
+                        (&format!("{p}.self_attn.q_proj"), heads * hd),
+                        (&format!("{p}.self_attn.k_proj"), kv_heads * hd),
+                        (&format!("{p}.self_attn.v_proj"), kv_heads * hd),
+                    ],
+                    dim,
+                    a.qkv_bias,
+                    opts.stack_projections,
+                )?,
                 o_proj: Linear::load(w, c, &format!("{p}.self_attn.o_proj"), heads * hd, dim, a.o_bias)?,
                 q_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, c.rms_norm_eps)).transpose()?,
                 k_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, c.rms_norm_eps)).transpose()?,
@@ -108,8 +163,14 @@ impl Transformer {
             };
             let ff = c.intermediate_size;
             let mlp = Mlp {
-                gate_proj: Linear::load(w, c, &format!("{p}.mlp.gate_proj"), dim, ff, spec.mlp_bias)?,
-                up_proj: Linear::load(w, c, &format!("{p}.mlp.up_proj"), dim, ff, spec.mlp_bias)?,
+                gate_up: Projections::load(
+                    w,
+                    c,
+                    &[(&format!("{p}.mlp.gate_proj"), ff), (&format!("{p}.mlp.up_proj"), ff)],
+                    dim,
+                    spec.mlp_bias,
+                    opts.stack_projections,
+                )?,
                 down_proj: Linear::load(w, c, &format!("{p}.mlp.down_proj"), ff, dim, spec.mlp_bias)?,
             };
             layers.push(Layer {
@@ -136,7 +197,9 @@ impl Transformer {
         let mut v = self.embed_tokens.arrays();
         for l in &self.layers {
             let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+            v.extend(a.qkv.arrays());
+            v.extend(l.mlp.gate_up.arrays());
+            for lin in [&a.o_proj, &l.mlp.down_proj] {
                 v.extend(lin.arrays());
             }
             v.extend(a.q_norm.iter().chain(a.k_norm.iter()).map(|n| &n.weight));
@@ -233,9 +296,10 @@ impl Attention {
             };
             Ok(a.transpose(&[0, 2, 1, 3])?)
         };
-        let queries = heads(&self.q_proj.forward(x)?, self.n_heads, self.q_norm.as_ref())?;
-        let keys = heads(&self.k_proj.forward(x)?, self.n_kv_heads, self.k_norm.as_ref())?;
-        let values = heads(&self.v_proj.forward(x)?, self.n_kv_heads, None)?;
+        let [q, k, v] = self.project(x)?;
+        let queries = heads(&q, self.n_heads, self.q_norm.as_ref())?;
+        let keys = heads(&k, self.n_kv_heads, self.k_norm.as_ref())?;
+        let values = heads(&v, self.n_kv_heads, None)?;
         let queries = self.rope.forward_at(&queries, layout.rope_offset())?;
         let keys = self.rope.forward_at(&keys, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &values)?;
@@ -244,9 +308,7 @@ impl Attention {
     }
 
     fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize) -> Result<Array> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let [q, k, v] = self.project(x)?;
         if let [seg] = segments {
             let out = self.attend(&q, &k, &v, seg.len, &mut seg.cache.layers[layer])?;
             return self.o_proj.forward(&out);
@@ -261,6 +323,11 @@ impl Attention {
         }
         let refs: Vec<&Array> = outs.iter().collect();
         self.o_proj.forward(&mlx::concatenate(&refs, 1)?)
+    }
+
+    /// The query, key and value projections of `x`.
+    fn project(&self, x: &Array) -> Result<[Array; 3]> {
+        self.qkv.forward(x)?.try_into().map_err(|_| EngineError::invalid("attention: three projections expected"))
     }
 
     /// Attention of one sequence's `len` new positions (`[1, len, heads * head_dim]` projections).
@@ -288,7 +355,9 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let gated = fast::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let [gate, up]: [Array; 2] =
+            self.gate_up.forward(x)?.try_into().map_err(|_| EngineError::invalid("mlp: two projections expected"))?;
+        let gated = fast::swiglu(&gate, &up)?;
         self.down_proj.forward(&gated)
     }
 }
