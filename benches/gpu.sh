@@ -10,6 +10,8 @@
 #   device call 2, carry [".gpu/p2", ".gpu/x2"], timeout 600: bash benches/gpu.sh run [bench.py arguments]
 #   more calls while the machine is still warm (within 30 s) need no new call 1, e.g.
 #   GPU_BENCH_SECONDS=410 bash benches/gpu.sh run --models llama3-8b-q4
+# Batch-1 decode variants (stacked projections or not, MLX_MAX_OPS_PER_BUFFER) and operation counts:
+#   bash benches/gpu.sh run --variants --step-ops /tmp/step_ops --models qwen3-0.6b-bf16 llama3-8b-bf16
 # The pool through the supervisor (1 and 2 workers on the one GPU, side by side):
 #   bash benches/gpu.sh run --pool --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32
 #
@@ -29,12 +31,16 @@ prepare)
   [ -f .gpu/p1/libmlx.part.aa ] || bash ../shared/gpu/prepare.sh
   export MLX_PYTHON=${MLX_PYTHON:-$root/.venv/bin/python}
   cargo build --release --locked --bins -p mlx-serving-worker -p mlx-serving >&2
+  cargo build --release --locked -p mlx-serving-engine --example step_ops >&2
   # One call may carry 64 MiB with the working tree (about 21 MB): the cutlass wheel and the
   # worker (stripped, xz) go with call 1, which stashes them beside part 1 of libmlx.so.
   mkdir -p .gpu/x1
   [ ! -f .gpu/p2/nvidia_cutlass-4.2.0.0-py3-none-any.whl ] || mv .gpu/p2/nvidia_cutlass-*.whl .gpu/x1/
   strip --strip-unneeded -o .gpu/x1/mlx-serving-worker target/release/mlx-serving-worker
   xz -T0 -6 -f .gpu/x1/mlx-serving-worker
+  # The operation counter (bench.py --step-ops /tmp/step_ops).
+  strip --strip-unneeded -o .gpu/x1/step_ops target/release/examples/step_ops
+  xz -T0 -6 -f .gpu/x1/step_ops
   # The supervisor goes with call 2, for the pool measurement (--pool).
   mkdir -p .gpu/x2
   strip --strip-unneeded -o .gpu/x2/mlx-serving target/release/mlx-serving
@@ -55,6 +61,7 @@ run)
   [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
   cp $stash/nvidia_cutlass-*.whl .gpu/p2/
   xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
+  [ ! -f $stash/step_ops.xz ] || { xz -dc $stash/step_ops.xz > /tmp/step_ops && chmod +x /tmp/step_ops; }
   serve=()
   if [ -f .gpu/x2/mlx-serving.xz ]; then
     xz -dc .gpu/x2/mlx-serving.xz > /tmp/mlx-serving && chmod +x /tmp/mlx-serving
