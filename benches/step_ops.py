@@ -1,15 +1,18 @@
 """Operations in one decode step of mlx-lm's generate_step, by primitive, on the default device:
 the counterpart of `cargo run --release -p mlx-serving-engine --example step_ops -- MODEL_DIR`.
 
-    .venv-bench/bin/python benches/step_ops.py MODEL_DIR
+    .venv-bench/bin/python benches/step_ops.py MODEL_DIR [time]
 
 The step is the one generate_step runs for one stream: the model on the last token with the
 prompt cache, log-softmax, argmax. Counted from mx.export_to_dot of its token, as the Rust tool
-counts our graph.
+counts our graph. With `time`, then 256 steps timed as generate_step runs them (step n+1
+submitted with async_eval before step n's token is read) and 64 steps each evaluated before the
+next, as the Rust tool times ours.
 """
 import io
 import re
 import sys
+import time
 from collections import Counter
 
 import mlx.core as mx
@@ -44,6 +47,27 @@ def main():
     print(f"mlx-lm: {sum(ops.values())} operations per decode step, {sum(ops.values()) - views} besides views")
     for name, n in sorted(ops.items()):
         print(f"  {name:24} {n}")
+    if "time" in sys.argv[2:]:
+        mx.eval(y)
+        steps = 256
+        start = time.perf_counter()
+        y = step(model, cache, y)
+        mx.async_eval(y)
+        for _ in range(steps):
+            nxt = step(model, cache, y)
+            mx.async_eval(nxt)
+            y.item()
+            y = nxt
+        y.item()
+        pipelined = (time.perf_counter() - start) / (steps + 1)
+        steps = 64
+        start = time.perf_counter()
+        for _ in range(steps):
+            y = step(model, cache, y)
+            y.item()
+        serial = (time.perf_counter() - start) / steps
+        print(f"timed: {pipelined * 1e3:.3f} ms per step pipelined ({1 / pipelined:.1f} steps/s), "
+              f"{serial * 1e3:.3f} ms evaluated one by one")
 
 
 if __name__ == "__main__":

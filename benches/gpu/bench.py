@@ -661,12 +661,13 @@ def step_ops(name, mdir, binary):
     rec = R["models"].setdefault(name, {})
     rec["step_ops"] = {}
     for arg in ("stacked", "separate"):
-        c = subprocess.run([binary, mdir, "1", arg], capture_output=True, text=True, timeout=300)
+        c = subprocess.run([binary, mdir, "1", arg, "time"], capture_output=True, text=True, timeout=300)
         rec["step_ops"][f"ours {arg}"] = c.stdout if c.returncode == 0 else f"failed: {c.stderr[-1000:]}"
-    c = subprocess.run([sys.executable, str(ROOT / "benches/step_ops.py"), mdir], capture_output=True, text=True, timeout=300)
+    c = subprocess.run([sys.executable, str(ROOT / "benches/step_ops.py"), mdir, "time"], capture_output=True, text=True, timeout=300)
     rec["step_ops"]["mlx-lm"] = c.stdout if c.returncode == 0 else f"failed: {c.stderr[-1000:]}"
     for k, v in rec["step_ops"].items():
-        log(f"  step ops {k}: {v.splitlines()[0] if v else ''}")
+        lines = v.splitlines()
+        log(f"  step ops {k}: {lines[0] if lines else ''} | {next((x for x in lines if x.startswith('timed')), '')}")
     save()
 
 
@@ -684,7 +685,8 @@ def variants_table(L):
                  f"{v['decode_tps']:.1f} | {[round(x, 1) for x in v['decode_runs']]} | {st} |")
     for name, m in R.get("models", {}).items():
         for k, v in m.get("step_ops", {}).items():
-            L.append(f"\n{name}, {k}: {v.splitlines()[0] if v else '-'}")
+            lines = v.splitlines()
+            L.append(f"\n{name}, {k}: {lines[0] if lines else '-'} | {next((x for x in lines if x.startswith('timed')), '')}")
 
 
 # ---------------------------------------------------------------- table

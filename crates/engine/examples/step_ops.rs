@@ -5,6 +5,8 @@
 //! cargo run --release -p mlx-serving-engine --example step_ops -- MODEL_DIR [ROWS] [separate]
 //! ```
 //! `separate`: the projections each on their own (the worker's `--stack-projections false`).
+//! `time`: then 256 steps more, timed, as the worker runs them (step n+1 submitted before step
+//! n's tokens are read), and 64 steps each evaluated before the next is built.
 //! `benches/step_ops.py` prints the same count for mlx-lm's `generate_step` beside it.
 use std::path::PathBuf;
 
@@ -14,7 +16,8 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().expect("usage: step_ops MODEL_DIR [ROWS]"));
     let rows: usize = args.next().map_or(1, |r| r.parse().expect("ROWS: a number"));
-    let stack_projections = args.next().as_deref() != Some("separate");
+    let words: Vec<String> = args.collect();
+    let stack_projections = !words.iter().any(|w| w == "separate");
     let model = Model::load_with(&dir, LoadOptions { stack_projections })?;
     let mut seqs = Vec::with_capacity(rows);
     for r in 0..rows {
@@ -54,6 +57,44 @@ fn main() -> Result<()> {
     );
     for (name, n) in ops {
         println!("  {name:24} {n}");
+    }
+    if words.iter().any(|w| w == "time") {
+        let accept = |seqs: &mut Vec<Sequence>, out: &mlx_serving_engine::BatchStep| -> Result<()> {
+            let tokens = out.tokens.to_vec::<u32>()?;
+            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+                s.accept(index, t);
+            }
+            Ok(())
+        };
+        let steps = 256;
+        let start = std::time::Instant::now();
+        let mut pending = None;
+        for _ in 0..steps {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let out = model.decode_batch(&mut batch, &mut refs)?;
+            mlx::async_eval(&[&out.tokens])?;
+            if let Some(p) = pending.replace(out) {
+                accept(&mut seqs, &p)?;
+            }
+        }
+        if let Some(p) = pending.take() {
+            accept(&mut seqs, &p)?;
+        }
+        let pipelined = start.elapsed().as_secs_f64() / steps as f64;
+        let steps = 64;
+        let start = std::time::Instant::now();
+        for _ in 0..steps {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let out = model.decode_batch(&mut batch, &mut refs)?;
+            accept(&mut seqs, &out)?;
+        }
+        let serial = start.elapsed().as_secs_f64() / steps as f64;
+        println!(
+            "timed: {:.3} ms per step pipelined ({:.1} steps/s), {:.3} ms evaluated one by one",
+            pipelined * 1e3,
+            1.0 / pipelined,
+            serial * 1e3
+        );
     }
     Ok(())
 }
