@@ -175,11 +175,29 @@ impl Stacked {
 
     /// Every part's output, in the order of `parts`, as views of one product.
     pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
-        let y = self.linear.forward(x)?;
-        let axis = y.ndim() as i32 - 1;
+        self.forward_split(x, 1)
+    }
+
+    /// Every part's output split into `[..., heads, head_dim]`, as views of one product. The
+    /// product is split into heads before the parts are taken, so that each part is a view
+    /// with unit stride along its heads (a later reshape of a part would copy it).
+    pub fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
+        self.forward_split(x, head_dim)
+    }
+
+    fn forward_split(&self, x: &Array, unit: i32) -> Result<Vec<Array>> {
+        let mut y = self.linear.forward(x)?;
+        if unit > 1 {
+            let mut shape = y.shape();
+            let last = shape.pop().unwrap_or(0);
+            shape.extend([last / unit, unit]);
+            y = y.reshape(&shape)?;
+        }
+        let axis = y.ndim() as i32 - if unit > 1 { 2 } else { 1 };
         let mut start = 0;
         let mut out = Vec::with_capacity(self.sizes.len());
         for &n in &self.sizes {
+            let n = n / unit;
             out.push(y.slice_axis(axis, start, start + n)?);
             start += n;
         }

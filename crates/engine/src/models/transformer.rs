@@ -81,6 +81,23 @@ impl Projections {
         }
     }
 
+    /// Each output as `[..., heads, head_dim]`.
+    fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
+        match self {
+            Projections::Separate(v) => v
+                .iter()
+                .map(|l| {
+                    let y = l.forward(x)?;
+                    let mut shape = y.shape();
+                    let last = shape.pop().unwrap_or(0);
+                    shape.extend([last / head_dim, head_dim]);
+                    Ok(y.reshape(&shape)?)
+                })
+                .collect(),
+            Projections::Stacked(s) => s.forward_heads(x, head_dim),
+        }
+    }
+
     fn arrays(&self) -> Vec<&Array> {
         match self {
             Projections::Separate(v) => v.iter().flat_map(Linear::arrays).collect(),
@@ -95,8 +112,7 @@ struct Attention {
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    n_heads: i32,
-    n_kv_heads: i32,
+    head_dim: i32,
     scale: f32,
     rope: Rope,
 }
@@ -156,8 +172,7 @@ impl Transformer {
                 o_proj: Linear::load(w, c, &format!("{p}.self_attn.o_proj"), heads * hd, dim, a.o_bias)?,
                 q_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, c.rms_norm_eps)).transpose()?,
                 k_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, c.rms_norm_eps)).transpose()?,
-                n_heads: heads,
-                n_kv_heads: kv_heads,
+                head_dim: hd,
                 scale: (f64::from(hd)).powf(-0.5) as f32,
                 rope: Rope::new(hd, spec.rope_theta, spec.rope_traditional, c.rope_scaling())?,
             };
@@ -288,18 +303,10 @@ impl Attention {
     /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input).
     fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
         let rows = x.dim(0);
-        let heads = |a: &Array, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
-            let a = a.reshape(&[rows, 1, n, -1])?;
-            let a = match norm {
-                Some(norm) => norm.forward(&a)?,
-                None => a,
-            };
-            Ok(a.transpose(&[0, 2, 1, 3])?)
-        };
         let [q, k, v] = self.project(x)?;
-        let queries = heads(&q, self.n_heads, self.q_norm.as_ref())?;
-        let keys = heads(&k, self.n_kv_heads, self.k_norm.as_ref())?;
-        let values = heads(&v, self.n_kv_heads, None)?;
+        let queries = heads(&q, self.q_norm.as_ref())?;
+        let keys = heads(&k, self.k_norm.as_ref())?;
+        let values = heads(&v, None)?;
         let queries = self.rope.forward_at(&queries, layout.rope_offset())?;
         let keys = self.rope.forward_at(&keys, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &values)?;
@@ -325,24 +332,17 @@ impl Attention {
         self.o_proj.forward(&mlx::concatenate(&refs, 1)?)
     }
 
-    /// The query, key and value projections of `x`.
+    /// The query, key and value projections of `x` (`[batch, len, hidden]`), each
+    /// `[batch, len, heads, head_dim]`.
     fn project(&self, x: &Array) -> Result<[Array; 3]> {
-        self.qkv.forward(x)?.try_into().map_err(|_| EngineError::invalid("attention: three projections expected"))
+        self.qkv.forward_heads(x, self.head_dim)?.try_into().map_err(|_| EngineError::invalid("attention: three projections expected"))
     }
 
-    /// Attention of one sequence's `len` new positions (`[1, len, heads * head_dim]` projections).
+    /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections).
     fn attend(&self, q: &Array, k: &Array, v: &Array, len: i32, cache: &mut LayerCache) -> Result<Array> {
-        let heads = |a: &Array, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
-            let a = a.reshape(&[1, len, n, -1])?;
-            let a = match norm {
-                Some(norm) => norm.forward(&a)?,
-                None => a,
-            };
-            Ok(a.transpose(&[0, 2, 1, 3])?)
-        };
-        let queries = heads(q, self.n_heads, self.q_norm.as_ref())?;
-        let keys = heads(k, self.n_kv_heads, self.k_norm.as_ref())?;
-        let values = heads(v, self.n_kv_heads, None)?;
+        let queries = heads(q, self.q_norm.as_ref())?;
+        let keys = heads(k, self.k_norm.as_ref())?;
+        let values = heads(v, None)?;
         let offset = cache.offset();
         let queries = self.rope.forward(&queries, offset)?;
         let keys = self.rope.forward(&keys, offset)?;
@@ -351,6 +351,16 @@ impl Attention {
         let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, mask)?;
         Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[1, len, -1])?)
     }
+}
+
+/// `[batch, len, heads, head_dim]` to `[batch, heads, len, head_dim]`, after the per-head norm
+/// when there is one.
+fn heads(a: &Array, norm: Option<&RmsNorm>) -> Result<Array> {
+    let a = match norm {
+        Some(norm) => norm.forward(a)?,
+        None => a.clone(),
+    };
+    Ok(a.transpose(&[0, 2, 1, 3])?)
 }
 
 impl Mlp {
