@@ -78,6 +78,20 @@ def environment(device):
     return env
 
 
+def host_probe():
+    """How fast this host runs a fixed piece of single-threaded Python, and its load: the GPU
+    machines differ from call to call, and a batch-1 decode step is bound by the host."""
+    best = None
+    for _ in range(5):
+        t = time.perf_counter()
+        x = 0
+        for i in range(200_000):
+            x += i * i % 7
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return {"loop_ms": round(best * 1000, 2), "loadavg": os.getloadavg(), "cpus": os.cpu_count()}
+
+
 def copy_bandwidth(gib=4.0, reps=20):
     n = int(gib * 2**30) // 2 // 4096 * 4096
     a = mx.random.uniform(shape=(n // 4096, 4096)).astype(mx.bfloat16)
@@ -632,8 +646,13 @@ def variants_model(name, mdir, a):
     rec = R["models"].setdefault(name, {})
     rec["variants"] = out = []
     prompts = Prompts(mdir)
-    for ops in a.variant_ops:
+    for rnd, ops in enumerate(a.variant_ops):
         env = {"MLX_MAX_OPS_PER_BUFFER": str(ops)} if ops else {}
+        probe = host_probe()
+        log(f"  host probe: {probe}")
+        # mlx-lm first every other round, so that a drift of the host's speed favours neither.
+        if rnd % 2:
+            mlx_lm_variant(out, mdir, a, ops, env, probe)
         for stack in a.variant_stack:
             w = Worker(a.binary, a.device, 8, a.kv_cache_bytes, extra=["--stack-projections", stack], env=env)
             try:
@@ -642,18 +661,24 @@ def variants_model(name, mdir, a):
             finally:
                 w.close()
             r["step_timing_mean_ms"] = step_timing_mean(r.pop("step_timing"))
-            out.append({"engine": "ours", "stack_projections": stack, "max_ops_per_buffer": ops, **r})
+            out.append({"engine": "ours", "stack_projections": stack, "max_ops_per_buffer": ops, "host": probe, **r})
             log(f"  ours   ops/buffer {ops or 'default'} stacked {stack}: decode {r['decode_tps']:.1f} tok/s "
                 f"{[round(x, 1) for x in r['decode_runs']]}, step ms {r['step_timing_mean_ms']}")
             save()
-        c = subprocess.run([sys.executable, __file__, "--mlx-lm-batch1", mdir, str(a.prompt), str(a.decode), str(a.prefill), str(a.runs)],
-                           env={**os.environ, **env}, capture_output=True, text=True, timeout=max(60.0, HARD - time.time()))
-        if c.returncode != 0:
-            raise RuntimeError(f"mlx-lm batch-1 failed: {c.stderr[-2000:]}")
-        r = json.loads(c.stdout.strip().splitlines()[-1])
-        out.append({"engine": "mlx-lm", "max_ops_per_buffer": ops, **r})
-        log(f"  mlx-lm ops/buffer {ops or 'default'}: decode {r['decode_tps']:.1f} tok/s {[round(x, 1) for x in r['decode_runs']]}")
-        save()
+        if not rnd % 2:
+            mlx_lm_variant(out, mdir, a, ops, env, probe)
+
+
+def mlx_lm_variant(out, mdir, a, ops, env, probe):
+    """mlx-lm's batch-1 figures under `env`, in a child process."""
+    c = subprocess.run([sys.executable, __file__, "--mlx-lm-batch1", mdir, str(a.prompt), str(a.decode), str(a.prefill), str(a.runs)],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=max(60.0, HARD - time.time()))
+    if c.returncode != 0:
+        raise RuntimeError(f"mlx-lm batch-1 failed: {c.stderr[-2000:]}")
+    r = json.loads(c.stdout.strip().splitlines()[-1])
+    out.append({"engine": "mlx-lm", "max_ops_per_buffer": ops, "host": probe, **r})
+    log(f"  mlx-lm ops/buffer {ops or 'default'}: decode {r['decode_tps']:.1f} tok/s {[round(x, 1) for x in r['decode_runs']]}")
+    save()
 
 
 def step_ops(name, mdir, binary):
@@ -676,13 +701,13 @@ def variants_table(L):
     if not rows:
         return
     L.append("")
-    L.append("| model | MLX_MAX_OPS_PER_BUFFER | engine | stacked projections | decode tok/s (median) | runs | step ms: build / async_eval / wait |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| model | MLX_MAX_OPS_PER_BUFFER | engine | stacked projections | decode tok/s (median) | runs | step ms: build / async_eval / wait | host probe ms |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for name, v in rows:
         t = v.get("step_timing_mean_ms")
         st = f"{t['build_ms']:.2f} / {t['submit_ms']:.2f} / {t['wait_ms']:.2f}" if t else "-"
         L.append(f"| {name} | {v['max_ops_per_buffer'] or 'default'} | {v['engine']} | {v.get('stack_projections', '-')} | "
-                 f"{v['decode_tps']:.1f} | {[round(x, 1) for x in v['decode_runs']]} | {st} |")
+                 f"{v['decode_tps']:.1f} | {[round(x, 1) for x in v['decode_runs']]} | {st} | {v.get('host', {}).get('loop_ms', '-')} |")
     for name, m in R.get("models", {}).items():
         for k, v in m.get("step_ops", {}).items():
             lines = v.splitlines()
@@ -799,6 +824,7 @@ def main():
     HARD = deadline + a.grace_s
     R["args"] = vars(a)
     R["env"] = environment(a.device)
+    R["env"]["host_probe"] = host_probe()
     log("env", R["env"])
     R["bandwidth"] = copy_bandwidth(a.bw_gib)
     bw = R["bandwidth"]["bytes_per_s"]
