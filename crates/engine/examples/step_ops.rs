@@ -10,7 +10,7 @@
 //! `benches/step_ops.py` prints the same count for mlx-lm's `generate_step` beside it.
 use std::path::PathBuf;
 
-use mlx_serving_engine::{Batch, LoadOptions, Model, Result, Sampler, SamplingParams, Sequence};
+use mlx_serving_engine::{Batch, BatchStep, LoadOptions, Model, Result, Sampler, SamplingParams, Sequence};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -33,6 +33,14 @@ fn main() -> Result<()> {
     }
     let mut batch = Batch::new();
     model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+    // Reads a step's tokens into the sequences.
+    let accept = |seqs: &mut Vec<Sequence>, out: &BatchStep| -> Result<()> {
+        let tokens = out.tokens.to_vec::<u32>()?;
+        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+            s.accept(index, t);
+        }
+        Ok(())
+    };
     // Two steps evaluated, so that the third starts from computed tokens and caches.
     let mut ops = Vec::new();
     for step in 0..3 {
@@ -41,10 +49,7 @@ fn main() -> Result<()> {
         if step == 2 {
             ops = mlx::graph_ops(&[&out.tokens])?;
         }
-        let tokens = out.tokens.to_vec::<u32>()?;
-        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-            s.accept(index, t);
-        }
+        accept(&mut seqs, &out)?;
     }
     let total: usize = ops.iter().map(|(_, n)| n).sum();
     // Operations that only describe a view of their input's buffer (no kernel when the input
@@ -59,13 +64,6 @@ fn main() -> Result<()> {
         println!("  {name:24} {n}");
     }
     if words.iter().any(|w| w == "time") {
-        let accept = |seqs: &mut Vec<Sequence>, out: &mlx_serving_engine::BatchStep| -> Result<()> {
-            let tokens = out.tokens.to_vec::<u32>()?;
-            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-                s.accept(index, t);
-            }
-            Ok(())
-        };
         let steps = 256;
         let start = std::time::Instant::now();
         let mut pending = None;

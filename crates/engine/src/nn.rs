@@ -175,25 +175,18 @@ impl Stacked {
 
     /// Every part's output, in the order of `parts`, as views of one product.
     pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
-        self.forward_split(x, 1)
+        self.split(&self.linear.forward(x)?, -1, 1)
     }
 
-    /// Every part's output split into `[..., heads, head_dim]`, as views of one product. The
-    /// product is split into heads before the parts are taken, so that each part is a view
-    /// with unit stride along its heads (a later reshape of a part would copy it).
+    /// Every part's output as `[..., heads, head_dim]`, as views of one product. The product is
+    /// split into heads before the parts are taken, so that each part is a view with unit
+    /// stride along its heads (a later reshape of a part would copy it).
     pub fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
-        self.forward_split(x, head_dim)
+        self.split(&split_heads(&self.linear.forward(x)?, head_dim)?, -2, head_dim)
     }
 
-    fn forward_split(&self, x: &Array, unit: i32) -> Result<Vec<Array>> {
-        let mut y = self.linear.forward(x)?;
-        if unit > 1 {
-            let mut shape = y.shape();
-            let last = shape.pop().unwrap_or(0);
-            shape.extend([last / unit, unit]);
-            y = y.reshape(&shape)?;
-        }
-        let axis = y.ndim() as i32 - if unit > 1 { 2 } else { 1 };
+    /// The parts of `y` along `axis`, whose every index holds `unit` outputs.
+    fn split(&self, y: &Array, axis: i32, unit: i32) -> Result<Vec<Array>> {
         let mut start = 0;
         let mut out = Vec::with_capacity(self.sizes.len());
         for &n in &self.sizes {
@@ -207,6 +200,14 @@ impl Stacked {
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         self.linear.arrays()
     }
+}
+
+/// `[..., heads * head_dim]` as `[..., heads, head_dim]`.
+pub fn split_heads(y: &Array, head_dim: i32) -> Result<Array> {
+    let mut shape = y.shape();
+    let last = shape.pop().unwrap_or(0);
+    shape.extend([last / head_dim, head_dim]);
+    Ok(y.reshape(&shape)?)
 }
 
 fn quantization(w: &Weights, cfg: &ModelConfig, prefix: &str) -> Option<Quantization> {

@@ -18,7 +18,7 @@ use crate::batch::{BatchCache, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
-use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked};
+use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked, split_heads};
 use crate::weights::Weights;
 
 /// Which optional parts an architecture's attention has.
@@ -84,16 +84,7 @@ impl Projections {
     /// Each output as `[..., heads, head_dim]`.
     fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
         match self {
-            Projections::Separate(v) => v
-                .iter()
-                .map(|l| {
-                    let y = l.forward(x)?;
-                    let mut shape = y.shape();
-                    let last = shape.pop().unwrap_or(0);
-                    shape.extend([last / head_dim, head_dim]);
-                    Ok(y.reshape(&shape)?)
-                })
-                .collect(),
+            Projections::Separate(v) => v.iter().map(|l| split_heads(&l.forward(x)?, head_dim)).collect(),
             Projections::Stacked(s) => s.forward_heads(x, head_dim),
         }
     }
