@@ -11,9 +11,9 @@
 //!   the worker (which parses it as a JSON value to check the envelope, then as typed params).
 //! - `framing/read_line`, `framing/write_line`: [`LineReader`] over a buffer of token lines, and
 //!   [`write_line`] into a sink.
-//! - `client/receive_token`: the real path end to end, a jsonrpsee client over an in-memory pipe
-//!   reading a stream of token lines from a fake worker on the same thread (the fake's writes are
-//!   included).
+//! - `client/link` and `client/jsonrpsee`: the real path end to end, the supervisor's
+//!   [`WorkerLink`] (and, to compare, jsonrpsee's client) over an in-memory pipe reading a stream
+//!   of token lines from a fake worker on the same thread (the fake's writes are included).
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonrpsee::core::client::{ClientBuilder, Subscription};
 use jsonrpsee::types::{Id, Request, Response, SubscriptionPayload, SubscriptionResponse};
 use mlx_serving_protocol::framing::{DEFAULT_MAX_LINE_BYTES, LineReader, PipeReceiver, PipeSender, write_line};
+use mlx_serving_protocol::link::WorkerLink;
 use mlx_serving_protocol::{
     FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Message, Prompt, Sampling, TokenEvent, Usage, WorkerRpcClient,
 };
@@ -192,50 +193,85 @@ async fn fake_worker(input: DuplexStream, mut output: DuplexStream, mut go: mpsc
     }
 }
 
+/// Times `n` token events and the final one through a client connected to a fake worker.
+fn run_stream<S, F, Fut>(rt: &Runtime, go: &mpsc::Sender<u64>, iters: u64, subscribe: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+    S: EventSource,
+{
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let n = left.min(LINES as u64);
+            let mut sub = subscribe().await;
+            let start = Instant::now();
+            go.send(n).await.expect("the fake worker runs");
+            for _ in 0..n {
+                match sub.next_event().await {
+                    Some(GenerateEvent::Token(t)) => {
+                        black_box(t);
+                    }
+                    other => panic!("expected a token, got {other:?}"),
+                }
+            }
+            match sub.next_event().await {
+                Some(GenerateEvent::Final(_)) => {}
+                other => panic!("expected the final event, got {other:?}"),
+            }
+            total += start.elapsed();
+            left -= n;
+        }
+        total
+    })
+}
+
+trait EventSource {
+    async fn next_event(&mut self) -> Option<GenerateEvent>;
+}
+
+impl EventSource for Subscription<GenerateEvent> {
+    async fn next_event(&mut self) -> Option<GenerateEvent> {
+        self.next().await.map(|e| e.expect("an event"))
+    }
+}
+
+impl EventSource for mlx_serving_protocol::link::EventStream {
+    async fn next_event(&mut self) -> Option<GenerateEvent> {
+        self.next().await.map(|e| e.expect("an event"))
+    }
+}
+
 fn client(c: &mut Criterion) {
     let rt: Runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    let (go, client) = rt.block_on(async {
+    let fake = || {
         let (to_worker, worker_in) = tokio::io::duplex(64 * 1024);
         let (worker_out, from_worker) = tokio::io::duplex(64 * 1024);
         let (go, go_rx) = mpsc::channel(1);
         tokio::spawn(fake_worker(worker_in, worker_out, go_rx));
+        (to_worker, LineReader::new(from_worker, DEFAULT_MAX_LINE_BYTES), go)
+    };
+    let (link, link_go) = rt.block_on(async {
+        let (to_worker, from_worker, go) = fake();
+        (WorkerLink::new(to_worker, from_worker, Duration::from_secs(30)), go)
+    });
+    let (client, client_go) = rt.block_on(async {
+        let (to_worker, from_worker, go) = fake();
         let client = ClientBuilder::default()
             .request_timeout(Duration::from_secs(30))
             .max_buffer_capacity_per_subscription(64 * 1024)
-            .build_with_tokio(PipeSender(to_worker), PipeReceiver(LineReader::new(from_worker, DEFAULT_MAX_LINE_BYTES)));
-        (go, client)
+            .build_with_tokio(PipeSender(to_worker), PipeReceiver(from_worker));
+        (client, go)
     });
     let req = request();
     let mut g = c.benchmark_group("client");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("receive_token", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(LINES as u64);
-                    let mut sub: Subscription<GenerateEvent> = client.generate(req.clone()).await.expect("subscribed");
-                    let start = Instant::now();
-                    go.send(n).await.expect("the fake worker runs");
-                    for _ in 0..n {
-                        match sub.next().await {
-                            Some(Ok(GenerateEvent::Token(t))) => {
-                                black_box(t);
-                            }
-                            other => panic!("expected a token, got {other:?}"),
-                        }
-                    }
-                    match sub.next().await {
-                        Some(Ok(GenerateEvent::Final(_))) => {}
-                        other => panic!("expected the final event, got {other:?}"),
-                    }
-                    total += start.elapsed();
-                    left -= n;
-                }
-                total
-            })
-        })
+    g.bench_function("link", |b| {
+        b.iter_custom(|iters| run_stream(&rt, &link_go, iters, || async { link.generate(&req).await.expect("subscribed") }))
+    });
+    g.bench_function("jsonrpsee", |b| {
+        b.iter_custom(|iters| run_stream(&rt, &client_go, iters, || async { client.generate(req.clone()).await.expect("subscribed") }))
     });
     g.finish();
 }

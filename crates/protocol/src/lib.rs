@@ -2,13 +2,15 @@
 //! worker's stdin and stdout, one JSON object per line. docs/protocol.md describes it in full.
 //!
 //! - [`types`]: the parameters, results and events of every method.
-//! - [`rpc`]: the methods as a jsonrpsee trait; the worker implements the server side, the
-//!   supervisor (and tests) use the generated client.
+//! - [`rpc`]: the methods as a jsonrpsee trait; the worker implements the server side (tests also
+//!   drive it with the generated client).
 //! - [`error`]: the error codes a worker answers with.
 //! - [`framing`]: reading lines with a length limit, and a jsonrpsee client transport over a
 //!   child's pipes.
+//! - [`link`]: the supervisor's client of a worker, over the worker's pipes.
 pub mod error;
 pub mod framing;
+pub mod link;
 pub mod rpc;
 pub mod types;
 

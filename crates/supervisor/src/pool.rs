@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use jsonrpsee::core::client::Error as ClientError;
-use mlx_serving_protocol::{ErrorCode, FinishReason, GenerateEvent, GenerateRequest, WorkerRpcClient};
+use mlx_serving_protocol::link::LinkError;
+use mlx_serving_protocol::{ErrorCode, FinishReason, GenerateEvent, GenerateRequest};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::sync::{Notify, mpsc};
@@ -630,9 +630,9 @@ impl Pool {
         emitted: &mut Vec<u32>,
     ) -> Attempt {
         let model = request.model.clone();
-        let mut sub = match conn.client.generate(request).await {
+        let mut sub = match conn.client.generate(&request).await {
             Ok(sub) => sub,
-            Err(ClientError::Call(e)) => {
+            Err(LinkError::Call(e)) => {
                 return match ErrorCode::from_code(e.code()) {
                     Some(ErrorCode::Overloaded) => Attempt::Overloaded,
                     Some(ErrorCode::InvalidRequestParams | ErrorCode::InvalidParams) => {
@@ -847,7 +847,7 @@ impl Pool {
         }
         let info = conn
             .client
-            .load_model(m.name.clone(), m.path.display().to_string())
+            .load_model(&m.name, &m.path.display().to_string())
             .await
             .map_err(|e| PoolError::Conflict { message: format!("loading `{model}` on worker {}: {e}", slot.id) })?;
         let mut s = slot.lock();
@@ -887,7 +887,7 @@ impl Pool {
                 });
             };
             tracing::info!(worker = slot.id, model = %victim, "evicting the least recently used idle model");
-            let _ = conn.client.unload_model(victim.clone()).await;
+            let _ = conn.client.unload_model(&victim).await;
             slot.lock().models.remove(&victim);
         }
     }
@@ -1029,7 +1029,7 @@ impl Pool {
             };
             if let Some(conn) = conn {
                 conn.client
-                    .unload_model(model.to_string())
+                    .unload_model(model)
                     .await
                     .map_err(|e| PoolError::Conflict { message: format!("unloading `{model}` from worker {}: {e}", slot.id) })?;
                 done.push(slot.id);

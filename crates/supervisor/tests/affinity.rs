@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use mlx_serving_protocol::{GenerateRequest, Message, Prompt, WorkerRpcClient};
+use mlx_serving_protocol::{GenerateRequest, Message, Prompt};
 use mlx_serving_supervisor::worker::slot::WorkerState;
 use mlx_serving_supervisor::{Pool, PoolEvent};
 

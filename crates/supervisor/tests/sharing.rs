@@ -11,7 +11,7 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use mlx_serving_protocol::{RequestCounts, WorkerRpcClient};
+use mlx_serving_protocol::RequestCounts;
 use mlx_serving_supervisor::api::{self, ApiState};
 use mlx_serving_supervisor::config::{HttpConfig, ResponseCacheConfig};
 use mlx_serving_supervisor::{Config, Pool, PoolEvent, StreamItem};

@@ -5,8 +5,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jsonrpsee::core::client::{Client, ClientBuilder};
-use mlx_serving_protocol::framing::{LineReader, PipeReceiver, PipeSender};
+use mlx_serving_protocol::framing::LineReader;
+use mlx_serving_protocol::link::WorkerLink;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -38,7 +38,7 @@ impl StderrTail {
 pub struct Process {
     pub child: Child,
     pub pid: u32,
-    pub client: Arc<Client>,
+    pub client: WorkerLink,
     pub stderr: StderrTail,
     /// Ends when stderr closes.
     pub stderr_done: tokio::task::JoinHandle<()>,
@@ -63,10 +63,7 @@ pub fn spawn(command: &[String], worker: u64, request_timeout: Duration, max_lin
     else {
         return Err(std::io::Error::other("the worker's pipes are missing"));
     };
-    let client = ClientBuilder::default()
-        .request_timeout(request_timeout)
-        .max_buffer_capacity_per_subscription(64 * 1024)
-        .build_with_tokio(PipeSender(stdin), PipeReceiver(LineReader::new(stdout, max_line_bytes)));
+    let client = WorkerLink::new(stdin, LineReader::new(stdout, max_line_bytes), request_timeout);
     let tail = StderrTail::default();
     let keep = tail.clone();
     let stderr_done = tokio::spawn(async move {
@@ -83,7 +80,7 @@ pub fn spawn(command: &[String], worker: u64, request_timeout: Duration, max_lin
             }
         }
     });
-    Ok(Process { child, pid, client: Arc::new(client), stderr: tail, stderr_done })
+    Ok(Process { child, pid, client, stderr: tail, stderr_done })
 }
 
 /// Sends `signal` to the worker's process group (the worker and anything it started).

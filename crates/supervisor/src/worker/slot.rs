@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use jsonrpsee::core::client::{Client, Subscription, SubscriptionClientT};
-use mlx_serving_protocol::{HEARTBEAT_METHOD, Heartbeat, ModelInfo, PROTOCOL_VERSION, WorkerRpcClient};
+use mlx_serving_protocol::link::WorkerLink;
+use mlx_serving_protocol::{Heartbeat, ModelInfo, PROTOCOL_VERSION};
 use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -70,7 +70,7 @@ pub struct RequestEntry {
 
 /// The slot's current connection: valid until the process it belongs to dies.
 pub struct Conn {
-    pub client: Arc<Client>,
+    pub client: WorkerLink,
     /// Counts processes in this slot; a retry goes to another (slot, generation).
     pub generation: u64,
 }
@@ -213,6 +213,8 @@ enum Ended {
     /// Handshake or model loads failed (often because the process is exiting).
     StartFailed(String),
     Hung(String),
+    /// It wrote a line that breaks the protocol (not JSON-RPC, too long, not UTF-8): killed.
+    Broken(String),
     /// Resident memory over the limit: stopped gracefully, restarted with backoff.
     OverMemory(String),
     Disconnected,
@@ -312,10 +314,7 @@ async fn serve(
     commands: &mut mpsc::UnboundedReceiver<SlotCommand>,
 ) -> Ended {
     let client = proc.client.clone();
-    let mut beats = match client.subscribe_to_method::<Heartbeat>(HEARTBEAT_METHOD).await {
-        Ok(b) => b,
-        Err(e) => return Ended::StartFailed(format!("no heartbeat subscription: {e}")),
-    };
+    let mut beats = client.heartbeats();
     let desired: Vec<String> = slot.lock().desired.iter().cloned().collect();
     let start = timeout(ms(config.pool.start_timeout_ms), start_worker(&client, config, &desired));
     let (capacity, loaded) = tokio::select! {
@@ -346,7 +345,7 @@ async fn serve(
 }
 
 /// Handshake and model loads of a new worker: its capacity and its models.
-async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> Result<(usize, Vec<ModelInfo>), String> {
+async fn start_worker(client: &WorkerLink, config: &Config, desired: &[String]) -> Result<(usize, Vec<ModelInfo>), String> {
     let hs = client.handshake().await.map_err(|e| format!("handshake: {e}"))?;
     let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
     if major(&hs.protocol_version) != major(PROTOCOL_VERSION) {
@@ -356,7 +355,7 @@ async fn start_worker(client: &Client, config: &Config, desired: &[String]) -> R
     for name in desired {
         let Some(m) = config.model(name) else { continue };
         let info = client
-            .load_model(m.name.clone(), m.path.display().to_string())
+            .load_model(&m.name, &m.path.display().to_string())
             .await
             .map_err(|e| format!("loading `{name}`: {e}"))?;
         loaded.push(info);
@@ -369,7 +368,7 @@ async fn watch(
     slot: &Arc<Slot>,
     config: &Config,
     proc: &mut Process,
-    beats: &mut Subscription<Heartbeat>,
+    beats: &mut mpsc::Receiver<Heartbeat>,
     commands: &mut mpsc::UnboundedReceiver<SlotCommand>,
 ) -> Ended {
     let p = &config.pool;
@@ -385,9 +384,9 @@ async fn watch(
     loop {
         tokio::select! {
             status = proc.child.wait() => return status.map_or(Ended::Disconnected, Ended::Exited),
-            _ = client.on_disconnect() => return Ended::Disconnected,
-            beat = beats.next() => match beat {
-                Some(Ok(hb)) => {
+            _ = client.on_disconnect() => return disconnected(&client),
+            beat = beats.recv() => match beat {
+                Some(hb) => {
                     let now = Instant::now();
                     heartbeat_deadline = now + heartbeat_timeout;
                     if progress != Some(hb.progress) {
@@ -404,8 +403,7 @@ async fn watch(
                         ));
                     }
                 }
-                Some(Err(e)) => tracing::warn!(worker = slot.id, "unreadable heartbeat: {e}"),
-                None => return Ended::Disconnected,
+                None => return disconnected(&client),
             },
             _ = sleep_until(heartbeat_deadline) => {
                 return Ended::Hung(format!("hung: no heartbeat for {:.1} s", heartbeat_timeout.as_secs_f64()));
@@ -439,7 +437,13 @@ async fn watch(
 }
 
 /// Unloads models whose keep-alive has passed with no request in flight.
-fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &Arc<Client>, now: Instant) {
+/// How a closed link ended the worker. One that broke the protocol is not waited for: it is
+/// killed at once.
+fn disconnected(client: &WorkerLink) -> Ended {
+    client.broken().map_or(Ended::Disconnected, |e| Ended::Broken(format!("protocol: {e}")))
+}
+
+fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &WorkerLink, now: Instant) {
     let idle: Vec<String> = {
         let s = slot.lock();
         s.models
@@ -459,7 +463,7 @@ fn unload_idle_models(slot: &Arc<Slot>, config: &Config, client: &Arc<Client>, n
         tracing::info!(worker = slot.id, model = %name, "unloading idle model");
         let client = client.clone();
         tokio::spawn(async move {
-            if let Err(e) = client.unload_model(name.clone()).await {
+            if let Err(e) = client.unload_model(&name).await {
                 tracing::warn!(model = %name, "idle unload failed: {e}");
             }
         });
@@ -482,7 +486,7 @@ async fn finish(slot: &Arc<Slot>, ctx: &SlotContext, config: &Config, proc: &mut
         // Pipe EOF or a failed start: the process is usually exiting; its status says why.
         Ended::Disconnected => exit_or_kill(proc).await.unwrap_or_else(|| "stdout closed; killed".into()),
         Ended::StartFailed(reason) => exit_or_kill(proc).await.unwrap_or(reason),
-        Ended::Hung(reason) => {
+        Ended::Hung(reason) | Ended::Broken(reason) => {
             process::signal_group(proc.pid, Signal::SIGKILL);
             let _ = proc.child.wait().await;
             reason
