@@ -73,7 +73,7 @@ struct Routes {
     /// Calls waiting for their answer, by id.
     calls: HashMap<u64, Waiter>,
     /// Open `generate` streams, by subscription id.
-    streams: HashMap<String, mpsc::UnboundedSender<Result<GenerateEvent, LinkError>>>,
+    streams: HashMap<SubKey, mpsc::UnboundedSender<Result<GenerateEvent, LinkError>>>,
     heartbeats: Option<mpsc::Sender<Heartbeat>>,
     /// Why the link closed, once it has.
     closed: Option<String>,
@@ -91,7 +91,7 @@ enum Waiter {
     /// A `generate` call: its stream is routed from the moment the answer is read, before any of
     /// its events.
     Subscribe {
-        answer: oneshot::Sender<Result<String, LinkError>>,
+        answer: oneshot::Sender<Result<SubKey, LinkError>>,
         events: mpsc::UnboundedSender<Result<GenerateEvent, LinkError>>,
     },
 }
@@ -308,7 +308,7 @@ fn request_line<P: Serialize>(id: u64, method: &str, params: &P) -> Vec<u8> {
 /// on the worker.
 pub struct EventStream {
     rx: mpsc::UnboundedReceiver<Result<GenerateEvent, LinkError>>,
-    subscription: String,
+    subscription: SubKey,
     link: WorkerLink,
     finished: bool,
 }
@@ -346,7 +346,7 @@ impl Drop for EventStream {
 }
 
 /// Tells the worker to end a stream (which cancels its request), without waiting for the answer.
-fn unsubscribe(inner: &Arc<Inner>, subscription: &str) {
+fn unsubscribe(inner: &Arc<Inner>, subscription: &SubKey) {
     if inner.closed.is_cancelled() {
         return;
     }
@@ -387,11 +387,11 @@ fn dispatch(inner: &Arc<Inner>, line: &str) -> Result<(), String> {
         Message::Event { subscription, event } => {
             let mut routes = inner.lock();
             let last = matches!(event, Ok(GenerateEvent::Final(_)));
-            let delivered = routes.streams.get(subscription.as_ref()).is_some_and(|tx| tx.send(event).is_ok());
+            let delivered = routes.streams.get(&subscription).is_some_and(|tx| tx.send(event).is_ok());
             // The worker closes a stream after its final event; so does the link. (A stream
             // dropped after an unreadable event unsubscribes.)
             if last || !delivered {
-                routes.streams.remove(subscription.as_ref());
+                routes.streams.remove(&subscription);
             }
         }
         Message::Heartbeat(hb) => {
@@ -405,8 +405,7 @@ fn dispatch(inner: &Arc<Inner>, line: &str) -> Result<(), String> {
                 Some(Waiter::Call(f)) => f(result),
                 Some(Waiter::Subscribe { answer, events }) => {
                     let subscription = result.and_then(|raw| {
-                        serde_json::from_str::<SubscriptionId>(raw.get())
-                            .map(|s| s.0)
+                        serde_json::from_str::<SubKey>(raw.get())
                             .map_err(|e| LinkError::Parse(format!("subscription id: {e}")))
                     });
                     if let Ok(s) = &subscription {
@@ -429,7 +428,7 @@ fn dispatch(inner: &Arc<Inner>, line: &str) -> Result<(), String> {
 
 /// One line from the worker, as the link uses it.
 enum Message<'a> {
-    Event { subscription: std::borrow::Cow<'a, str>, event: Result<GenerateEvent, LinkError> },
+    Event { subscription: SubKey, event: Result<GenerateEvent, LinkError> },
     Heartbeat(Heartbeat),
     Answer { id: u64, result: Result<&'a RawValue, LinkError> },
     /// A notification the link does not know: skipped.
@@ -456,8 +455,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
                         "params" => {
                             message = Some(match method.as_deref() {
                                 Some(GENERATE_EVENT_METHOD) => {
-                                    let p: EventParams<'de> = map.next_value()?;
-                                    Message::Event { subscription: p.subscription.0, event: Ok(p.result) }
+                                    let p: EventParams = map.next_value()?;
+                                    Message::Event { subscription: p.subscription, event: Ok(p.result) }
                                 }
                                 Some(HEARTBEAT_METHOD) => Message::Heartbeat(map.next_value()?),
                                 Some(_) => {
@@ -481,9 +480,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
 }
 
 #[derive(Deserialize)]
-struct EventParams<'a> {
-    #[serde(borrow)]
-    subscription: SubscriptionKey<'a>,
+struct EventParams {
+    subscription: SubKey,
     result: GenerateEvent,
 }
 
@@ -503,8 +501,7 @@ struct Envelope<'a> {
 
 #[derive(Deserialize)]
 struct RawEventParams<'a> {
-    #[serde(borrow)]
-    subscription: SubscriptionKey<'a>,
+    subscription: SubKey,
     #[serde(borrow)]
     result: &'a RawValue,
 }
@@ -520,7 +517,7 @@ fn slow_path(line: &str) -> Result<Message<'_>, String> {
                 let params = e.params.ok_or("a generate_event without params")?;
                 let p: RawEventParams = serde_json::from_str(params.get()).map_err(|e| format!("generate_event params: {e}"))?;
                 let event = serde_json::from_str(p.result.get()).map_err(|e| LinkError::Parse(format!("event: {e}")));
-                Message::Event { subscription: p.subscription.0, event }
+                Message::Event { subscription: p.subscription, event }
             }
             HEARTBEAT_METHOD => match e.params.map(|p| serde_json::from_str(p.get())) {
                 Some(Ok(hb)) => Message::Heartbeat(hb),
@@ -539,37 +536,39 @@ fn slow_path(line: &str) -> Result<Message<'_>, String> {
     Ok(Message::Answer { id, result })
 }
 
-/// A subscription id as jsonrpsee writes it: a string or a number; kept as text.
-struct SubscriptionKey<'a>(std::borrow::Cow<'a, str>);
+/// A subscription id as the worker wrote it: a number or a string, given back as it came (an
+/// unsubscribe with the number as a string would not find it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum SubKey {
+    Num(u64),
+    Str(String),
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for SubscriptionKey<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = SubscriptionKey<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a subscription id (string or number)")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(SubscriptionKey(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(SubscriptionKey(std::borrow::Cow::Owned(v.to_string())))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(SubscriptionKey(std::borrow::Cow::Owned(v.to_string())))
-            }
+impl Serialize for SubKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SubKey::Num(n) => s.serialize_u64(*n),
+            SubKey::Str(v) => s.serialize_str(v),
         }
-        d.deserialize_any(V)
     }
 }
 
-/// The answer to `generate`: the subscription id.
-struct SubscriptionId(String);
-
-impl<'de> Deserialize<'de> for SubscriptionId {
+impl<'de> Deserialize<'de> for SubKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        SubscriptionKey::deserialize(d).map(|k| SubscriptionId(k.0.into_owned()))
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SubKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a subscription id (string or number)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SubKey, E> {
+                Ok(SubKey::Str(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SubKey, E> {
+                Ok(SubKey::Num(v))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -597,7 +596,7 @@ mod tests {
             write_line(&mut self.output, &v.to_string()).await.expect("the link reads");
         }
 
-        async fn event(&mut self, subscription: &str, event: &GenerateEvent) {
+        async fn event(&mut self, subscription: impl Serialize, event: &GenerateEvent) {
             self.send(json!({"jsonrpc": "2.0", "method": "generate_event", "params": {"subscription": subscription, "result": event}}))
                 .await;
         }
@@ -687,7 +686,7 @@ mod tests {
         let worker = tokio::spawn(async move {
             let call = peer.next().await;
             peer.send(json!({"jsonrpc": "2.0", "id": call["id"], "result": 7})).await;
-            peer.event("7", &token(1)).await;
+            peer.event(7, &token(1)).await;
             peer.next().await
         });
         let mut stream = link.generate(&request()).await.expect("subscribed");
@@ -695,7 +694,8 @@ mod tests {
         drop(stream);
         let unsubscribe = worker.await.unwrap();
         assert_eq!(unsubscribe["method"], "generate_unsubscribe");
-        assert_eq!(unsubscribe["params"], json!(["7"]));
+        // The id goes back as it came: a number.
+        assert_eq!(unsubscribe["params"], json!([7]));
     }
 
     #[tokio::test]

@@ -34,6 +34,19 @@ pub enum PoolEvent {
 /// Events of one request as the caller sees them; an `Err` is always the last item.
 pub type StreamItem = Result<PoolEvent, PoolError>;
 
+/// Where a pool request's events go. An error, if any, is the last item.
+pub trait Sink: Send + 'static {
+    /// Delivers one item; `false` once nobody reads them any more, which cancels the request.
+    fn deliver(&mut self, item: StreamItem) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// A bounded channel: a slow reader makes the request wait.
+impl Sink for mpsc::Sender<StreamItem> {
+    async fn deliver(&mut self, item: StreamItem) -> bool {
+        self.send(item).await.is_ok()
+    }
+}
+
 /// Completions remembered to measure the drain rate.
 const DRAIN_WINDOW: Duration = Duration::from_secs(10);
 
@@ -51,11 +64,22 @@ const POISON_TTL: Duration = Duration::from_secs(600);
 
 /// What makes two requests the same for poison quarantine: everything but the id.
 fn fingerprint(r: &GenerateRequest) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let key = serde_json::json!([r.model, r.prompt, r.max_tokens, r.sampling, r.stop, r.stop_token_ids, r.ignore_eos]);
-    key.to_string().hash(&mut h);
-    h.finish()
+    use std::hash::Hasher;
+    /// Hashes the JSON text as it is written, without keeping it.
+    struct HashWriter(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = HashWriter(std::collections::hash_map::DefaultHasher::new());
+    // Writing into a hasher cannot fail.
+    let _ = serde_json::to_writer(&mut h, &(&r.model, &r.prompt, r.max_tokens, &r.sampling, &r.stop, &r.stop_token_ids, r.ignore_eos));
+    h.0.finish()
 }
 
 pub struct Pool {
@@ -387,18 +411,24 @@ impl Pool {
     /// first, background ones last.
     pub fn generate_with(self: &Arc<Self>, request: GenerateRequest, priority: Priority) -> mpsc::Receiver<StreamItem> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        match self.admit(&request) {
-            Ok(admission) => {
-                tokio::spawn(self.clone().run_request(request, priority, tx, admission));
-            }
-            Err(e) => {
-                let _ = tx.try_send(Err(e));
-            }
-        }
+        self.generate_into(request, priority, tx);
         rx
     }
 
-    async fn run_request(self: Arc<Self>, mut request: GenerateRequest, priority: Priority, tx: mpsc::Sender<StreamItem>, _admission: Admission) {
+    /// [`Pool::generate_with`] into a sink of the caller's: its events go there from the task
+    /// that reads them from the worker, with no task in between.
+    pub fn generate_into<S: Sink>(self: &Arc<Self>, request: GenerateRequest, priority: Priority, mut sink: S) {
+        match self.admit(&request) {
+            Ok(admission) => {
+                tokio::spawn(self.clone().run_request(request, priority, sink, admission));
+            }
+            Err(e) => {
+                tokio::spawn(async move { sink.deliver(Err(e)).await });
+            }
+        }
+    }
+
+    async fn run_request<S: Sink>(self: Arc<Self>, mut request: GenerateRequest, priority: Priority, mut tx: S, _admission: Admission) {
         let _active = self.budget.start_request();
         // A sampled stream gets a seed here, so a resumed stream continues the same draws.
         if request.sampling.temperature > 0.0 && request.sampling.seed.is_none() {
@@ -429,7 +459,7 @@ impl Pool {
                 Ok(choice) => choice,
                 Err(e) if resuming => {
                     let message = format!("the stream could not be resumed: {e}");
-                    let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: u64::MAX, message })).await;
+                    tx.deliver(Err(PoolError::WorkerFailedMidStream { worker: u64::MAX, message })).await;
                     return;
                 }
                 Err(e) => {
@@ -438,14 +468,14 @@ impl Pool {
                     } else {
                         e
                     };
-                    let _ = tx.send(Err(e)).await;
+                    tx.deliver(Err(e)).await;
                     return;
                 }
             };
             let mut attempt_request = request.clone();
             attempt_request.id = key.clone();
             attempt_request.resume_tokens = emitted.clone();
-            let outcome = self.attempt(&slot, &conn, attempt_request, &tx, &mut started, &mut emitted).await;
+            let outcome = self.attempt(&slot, &conn, attempt_request, &mut tx, &mut started, &mut emitted).await;
             drop(guard);
             let record = |o: Outcome| self.record(&slot, o);
             match outcome {
@@ -453,7 +483,7 @@ impl Pool {
                 Attempt::CallerGone => return record(Outcome::Ignored),
                 Attempt::Refused(message) => {
                     record(Outcome::Ignored);
-                    let _ = tx.send(Err(PoolError::InvalidRequest { message })).await;
+                    tx.deliver(Err(PoolError::InvalidRequest { message })).await;
                     return;
                 }
                 Attempt::Overloaded => {
@@ -461,7 +491,7 @@ impl Pool {
                     exclude.insert((slot.id, conn.generation));
                     overloaded.insert((slot.id, conn.generation));
                     if overloaded.len() >= self.serving_count(&request.model) {
-                        let _ = tx.send(Err(PoolError::Overloaded)).await;
+                        tx.deliver(Err(PoolError::Overloaded)).await;
                         return;
                     }
                     continue;
@@ -473,7 +503,7 @@ impl Pool {
                 }
                 Attempt::FailedMidStream(message) => {
                     record(Outcome::Failure);
-                    let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
+                    tx.deliver(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
                     return;
                 }
                 // Only a death before the worker produced anything for the request counts against
@@ -483,7 +513,7 @@ impl Pool {
                     if self.blame(&request, &mut deaths).is_some() =>
                 {
                     record(Outcome::Failure);
-                    let _ = tx.send(Err(PoolError::Poisoned { crashes: deaths })).await;
+                    tx.deliver(Err(PoolError::Poisoned { crashes: deaths })).await;
                     return;
                 }
                 Attempt::DiedMidStream { message, .. } => {
@@ -494,7 +524,7 @@ impl Pool {
                     let permit = if attempts < MAX_ATTEMPTS { self.wait_for_retry(resume_wait).await } else { None };
                     let Some(_permit) = permit else {
                         let message = format!("{message}; the stream could not be resumed (retry budget or attempts spent)");
-                        let _ = tx.send(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
+                        tx.deliver(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
                         return;
                     };
                     tracing::info!(worker = slot.id, request = %request.id, tokens = emitted.len(), "resuming the stream on another worker");
@@ -505,7 +535,7 @@ impl Pool {
                 }
                 Attempt::Failed(message) | Attempt::WorkerGone(message) if attempts >= MAX_ATTEMPTS => {
                     record(Outcome::Failure);
-                    let _ = tx.send(Err(PoolError::RetriesExhausted { attempts, last: message })).await;
+                    tx.deliver(Err(PoolError::RetriesExhausted { attempts, last: message })).await;
                     return;
                 }
                 Attempt::WorkerGone(message) => {
@@ -526,7 +556,7 @@ impl Pool {
                     exclude.insert((slot.id, conn.generation));
                     last_error = message;
                     let Some(_permit) = self.budget.try_retry() else {
-                        let _ = tx.send(Err(PoolError::RetriesExhausted { attempts, last: last_error })).await;
+                        tx.deliver(Err(PoolError::RetriesExhausted { attempts, last: last_error })).await;
                         return;
                     };
                     self.retried.fetch_add(1, Relaxed);
@@ -564,7 +594,7 @@ impl Pool {
         }
         let config = self.config();
         configured(&config, &request.model)?;
-        if self.is_poisoned(fingerprint(request)) {
+        if self.is_poisoned(request) {
             return Err(PoolError::Poisoned { crashes: POISON_CRASHES });
         }
         let mut per_model = self.per_model.lock().unwrap_or_else(|p| p.into_inner());
@@ -584,11 +614,14 @@ impl Pool {
         Ok(Admission { pool: self.clone(), model: request.model.clone() })
     }
 
-    fn is_poisoned(&self, fp: u64) -> bool {
+    fn is_poisoned(&self, request: &GenerateRequest) -> bool {
         let mut p = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_empty() {
+            return false;
+        }
         let now = Instant::now();
         p.retain(|_, until| *until > now);
-        p.contains_key(&fp)
+        !p.is_empty() && p.contains_key(&fingerprint(request))
     }
 
     /// Counts a worker death against a request; returns the error once it is poisonous.
@@ -620,12 +653,12 @@ impl Pool {
     }
 
     /// One attempt on one worker: forwards its events to the caller.
-    async fn attempt(
+    async fn attempt<S: Sink>(
         &self,
         slot: &Arc<Slot>,
         conn: &Conn,
         request: GenerateRequest,
-        tx: &mpsc::Sender<StreamItem>,
+        tx: &mut S,
         started: &mut bool,
         emitted: &mut Vec<u32>,
     ) -> Attempt {
@@ -652,7 +685,7 @@ impl Pool {
         };
         if !*started {
             *started = true;
-            if tx.send(Ok(PoolEvent::Started)).await.is_err() {
+            if !tx.deliver(Ok(PoolEvent::Started)).await {
                 return Attempt::CallerGone;
             }
         }
@@ -688,7 +721,7 @@ impl Pool {
                 emitted.extend_from_slice(&t.token_ids);
                 tokens_here += t.token_ids.len();
             }
-            if tx.send(Ok(PoolEvent::Event(event))).await.is_err() {
+            if !tx.deliver(Ok(PoolEvent::Event(event))).await {
                 return Attempt::CallerGone;
             }
             if last {

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::ResponseCache;
-use crate::pool::{Pool, PoolEvent, Priority, StreamItem};
+use crate::pool::{Pool, PoolEvent, Priority, Sink, StreamItem};
 
 /// The key of a deterministic request: the worker request without its id, which holds every
 /// field that can change the output. `None` for a request sampled without a seed.
@@ -312,36 +312,57 @@ impl Hub {
             running.insert(key.clone(), generation.clone());
         }
         drop(running);
-        let rx = self.pool.generate_with(request, priority);
-        tokio::spawn(self.clone().drive(key, generation.clone(), rx));
+        let sink = GenerationSink { hub: self.clone(), key, generation: generation.clone(), ended: false };
+        self.pool.generate_into(request, priority, sink);
         (Feed::Shared(Subscriber::live(generation)), Source::Pool)
     }
+}
 
-    /// Moves the pool's events into the generation until the end, or until every subscriber
-    /// left (dropping the pool's stream then cancels the request on its worker).
-    async fn drive(self: Arc<Self>, key: String, generation: Arc<Generation>, mut rx: mpsc::Receiver<StreamItem>) {
-        let last = loop {
-            let item = tokio::select! {
-                biased;
-                _ = generation.cancel.cancelled() => break None,
-                item = rx.recv() => item,
-            };
-            let Some(item) = item else { break None };
-            if matches!(item, Err(_) | Ok(PoolEvent::Event(GenerateEvent::Final(_)))) {
-                break Some(item);
-            }
-            generation.push(item);
-        };
-        drop(rx);
-        // Into the cache before it leaves the running ones, so a twin arriving now finds it.
+/// Moves the pool's events into a shared generation until the end, or until every subscriber
+/// left (the pool then drops the request, which cancels it on its worker).
+struct GenerationSink {
+    hub: Arc<Hub>,
+    key: String,
+    generation: Arc<Generation>,
+    ended: bool,
+}
+
+impl GenerationSink {
+    /// Marks the generation's end, stores a complete one in the cache (before it leaves the
+    /// running ones, so a twin arriving now finds it) and takes it off the running ones.
+    fn end(&mut self, last: Option<StreamItem>) {
+        self.ended = true;
+        let (hub, key, generation) = (&self.hub, &self.key, &self.generation);
         generation.end(last, |bytes| {
-            if let Some(cache) = &self.cache {
+            if let Some(cache) = &hub.cache {
                 cache.insert(key.clone(), generation.clone(), bytes);
             }
         });
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.get(&key).is_some_and(|g| Arc::ptr_eq(g, &generation)) {
-            running.remove(&key);
+        let mut running = hub.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.get(key).is_some_and(|g| Arc::ptr_eq(g, generation)) {
+            running.remove(key);
+        }
+    }
+}
+
+impl Sink for GenerationSink {
+    async fn deliver(&mut self, item: StreamItem) -> bool {
+        if self.ended || self.generation.cancel.is_cancelled() {
+            return false;
+        }
+        if matches!(item, Err(_) | Ok(PoolEvent::Event(GenerateEvent::Final(_)))) {
+            self.end(Some(item));
+        } else {
+            self.generation.push(item);
+        }
+        true
+    }
+}
+
+impl Drop for GenerationSink {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(None);
         }
     }
 }
