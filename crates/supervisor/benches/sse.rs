@@ -1,6 +1,6 @@
 //! SSE encoding: a token event from the pool's channel to the bytes of one
-//! `data: {chat.completion.chunk}\n\n` frame of the HTTP body, through [`stream::sse`] and axum's
-//! SSE body, as the HTTP front runs it (Prometheus recorder installed, keep-alive timer armed).
+//! `data: {chat.completion.chunk}\n\n` frame of the HTTP body, through [`stream::sse`], as the
+//! HTTP front runs it (Prometheus recorder installed, keep-alive timer armed).
 //!
 //! `cargo bench -p mlx-serving-supervisor --bench sse`
 //!

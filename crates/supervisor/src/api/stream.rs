@@ -9,8 +9,9 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::Stream;
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use mlx_serving_protocol::{FinalEvent, GenerateEvent, TokenEvent};
 use serde::Serialize;
 use serde_json::Value;
@@ -73,7 +74,8 @@ struct State {
     rx: Feed,
     /// An event read ahead while merging tokens.
     held: Option<GenerateEvent>,
-    out: VecDeque<Event>,
+    /// Frames ready to go out, each `data: …\n\n`.
+    out: VecDeque<Bytes>,
     /// `chatcmpl-…` or `cmpl-…`: the same on every chunk of the stream.
     chunk_id: String,
     created: u64,
@@ -83,13 +85,11 @@ struct State {
     done: bool,
 }
 
-pub fn sse(
-    meta: Meta,
-    req: &ValidRequest,
-    rx: Feed,
-    first: Option<GenerateEvent>,
-    keep_alive_s: u64,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
+/// The SSE response: `text/event-stream`, one `data: {chunk}` frame per chunk, `data: [DONE]`
+/// at the end, and a `: keep-alive` comment after `keep_alive_s` without a frame (a long
+/// prefill). The frames are written straight from the chunks, which never hold a newline
+/// (compact JSON).
+pub fn sse(meta: Meta, req: &ValidRequest, rx: Feed, first: Option<GenerateEvent>, keep_alive_s: u64) -> Response {
     let route = meta.route;
     let mut state = State {
         created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -107,18 +107,44 @@ pub fn sse(
         let role = state.chunk(Delta { role: Some("assistant"), content: Some("") }, None);
         state.out.push_back(role);
     }
-    let stream = futures_util::stream::unfold(state, |mut s| async move {
+    let interval = Duration::from_secs(keep_alive_s.max(1));
+    // The timer is set once per interval, not per frame: when it fires after recent frames, it
+    // is moved to one interval after the last of them.
+    let quiet = Box::pin(tokio::time::sleep(interval));
+    let stream = futures_util::stream::unfold((state, quiet, tokio::time::Instant::now()), move |(mut s, mut quiet, mut sent)| async move {
         loop {
-            if let Some(e) = s.out.pop_front() {
-                return Some((Ok(e), s));
+            if let Some(frame) = s.out.pop_front() {
+                sent = tokio::time::Instant::now();
+                return Some((Ok::<_, Infallible>(frame), (s, quiet, sent)));
             }
             if s.done {
                 return None;
             }
-            s.next().await;
+            tokio::select! {
+                biased;
+                () = s.next() => {}
+                () = quiet.as_mut() => {
+                    let due = sent + interval;
+                    if tokio::time::Instant::now() >= due {
+                        s.out.push_back(Bytes::from_static(b": keep-alive\n\n"));
+                        quiet.as_mut().reset(tokio::time::Instant::now() + interval);
+                    } else {
+                        quiet.as_mut().reset(due);
+                    }
+                }
+            }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(keep_alive_s.max(1))).text("keep-alive"))
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream)).into_response()
+}
+
+/// One SSE frame: `data: ` + what `write` writes + a blank line.
+fn frame(write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut buf = Vec::with_capacity(320);
+    buf.extend_from_slice(b"data: ");
+    write(&mut buf);
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
 }
 
 impl State {
@@ -131,7 +157,7 @@ impl State {
                 Some(Ok(PoolEvent::Started)) => return,
                 Some(Err(e)) => {
                     let err = ApiError::from_pool(e, self.meta.route.prompt_param());
-                    self.out.push_back(Event::default().data(err.body().to_string()));
+                    self.out.push_back(frame(|b| b.extend_from_slice(err.body().to_string().as_bytes())));
                     self.meta.finish(err.status.as_u16());
                     self.done = true;
                     return;
@@ -157,7 +183,7 @@ impl State {
                         Some(Err(e)) => {
                             self.push_tokens(tokens);
                             let err = ApiError::from_pool(e, self.meta.route.prompt_param());
-                            self.out.push_back(Event::default().data(err.body().to_string()));
+                            self.out.push_back(frame(|b| b.extend_from_slice(err.body().to_string().as_bytes())));
                             self.meta.finish(err.status.as_u16());
                             self.done = true;
                             return;
@@ -194,17 +220,17 @@ impl State {
             let usage = self.envelope(&[], Some(openai::usage(&f.usage)));
             self.out.push_back(usage);
         }
-        self.out.push_back(Event::default().data("[DONE]"));
+        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
         self.meta.finish(200);
         self.done = true;
     }
 
-    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Bytes {
         self.chunk_with(delta, finish_reason, &Value::Null, None)
     }
 
     /// One chunk with one choice, serialised straight from borrowed parts.
-    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&[u32]>) -> Event {
+    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&[u32]>) -> Bytes {
         let choice = match self.meta.route {
             Route::Chat => Choice { index: 0, delta: Some(delta), text: None, logprobs, finish_reason, token_ids },
             Route::Completions => {
@@ -216,7 +242,7 @@ impl State {
 
     /// A chunk of this stream with `choices`; `usage` on the last one. When the client asked for
     /// usage, every other chunk carries `"usage": null`.
-    fn envelope(&self, choices: &[Choice<'_>], usage: Option<Value>) -> Event {
+    fn envelope(&self, choices: &[Choice<'_>], usage: Option<Value>) -> Bytes {
         let chunk = Chunk {
             id: &self.chunk_id,
             object: self.meta.route.chunk_object(),
@@ -225,7 +251,10 @@ impl State {
             choices,
             usage: self.include_usage.then_some(usage),
         };
-        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+        // Serialising our own types cannot fail.
+        frame(|b| {
+            let _ = serde_json::to_writer(b, &chunk);
+        })
     }
 }
 
@@ -264,4 +293,59 @@ struct Delta<'a> {
     role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::openai::{TokenLimits, parse};
+    use http_body_util::BodyExt;
+    use mlx_serving_protocol::Usage;
+    use tokio::sync::mpsc;
+
+    async fn next_frame(body: &mut Body) -> Bytes {
+        body.frame().await.expect("the stream goes on").expect("no error").into_data().expect("a data frame")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_gets_keep_alive_comments_and_the_chunks_are_sse_frames() {
+        let limits = TokenLimits { default_max_tokens: 16, max_tokens: 0 };
+        let body = br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}"#;
+        let req = parse(Route::Chat, body, &limits, "req-1").expect("a valid request");
+        let (tx, rx) = mpsc::channel(8);
+        let response = sse(Meta::new(&req, "req-1", Instant::now()), &req, Feed::Direct(rx), None, 15);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let mut body = response.into_body();
+        let role = next_frame(&mut body).await;
+        assert!(role.starts_with(b"data: {\"id\":\"chatcmpl-req-1\"") && role.ends_with(b"}\n\n"), "{role:?}");
+        // Nothing for 15 s (a long prefill): a comment keeps the connection alive, once per 15 s.
+        let start = tokio::time::Instant::now();
+        assert_eq!(next_frame(&mut body).await, Bytes::from_static(b": keep-alive\n\n"));
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let token = TokenEvent { token_ids: vec![7], text: "a\nb".into(), logprobs: None, top_logprobs: None };
+        tx.send(Ok(PoolEvent::Event(GenerateEvent::Token(token)))).await.unwrap();
+        let chunk = next_frame(&mut body).await;
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert!(text.starts_with("data: {") && text.ends_with("}\n\n") && text.matches('\n').count() == 2, "{text:?}");
+        let json: Value = serde_json::from_str(text.trim_start_matches("data: ").trim_end()).unwrap();
+        assert_eq!(json["choices"][0]["delta"]["content"], "a\nb");
+        // The next comment comes 15 s after the token, not after the last comment.
+        let token_at = tokio::time::Instant::now();
+        assert_eq!(next_frame(&mut body).await, Bytes::from_static(b": keep-alive\n\n"));
+        assert_eq!(token_at.elapsed(), Duration::from_secs(15));
+        let last = FinalEvent {
+            finish_reason: mlx_serving_protocol::FinishReason::Length,
+            text: String::new(),
+            usage: Usage { prompt_tokens: 1, completion_tokens: 1, cached_tokens: 0 },
+            time_to_first_token_ms: None,
+            total_ms: 1.0,
+            error: None,
+        };
+        tx.send(Ok(PoolEvent::Event(GenerateEvent::Final(last)))).await.unwrap();
+        let finish = next_frame(&mut body).await;
+        assert!(std::str::from_utf8(&finish).unwrap().contains("\"finish_reason\":\"length\""));
+        assert_eq!(next_frame(&mut body).await, Bytes::from_static(b"data: [DONE]\n\n"));
+        assert!(body.frame().await.is_none());
+    }
 }
