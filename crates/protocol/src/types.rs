@@ -165,11 +165,95 @@ impl GenerateRequest {
 }
 
 /// One event of a `generate` stream. Every stream ends with exactly one `final` event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire `{"type": "token", ...}` or `{"type": "final", ...}`. Reading one is on the path
+/// of every token, so when `type` comes first (as this type writes it), the rest of the object
+/// is read straight into the event; otherwise the object is buffered first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GenerateEvent {
     Token(TokenEvent),
     Final(FinalEvent),
+}
+
+impl<'de> Deserialize<'de> for GenerateEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, Visitor, value::MapAccessDeserializer};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GenerateEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a generate event object with a `type`")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GenerateEvent, A::Error> {
+                let Some(key) = map.next_key::<Word>()? else {
+                    return Err(A::Error::missing_field("type"));
+                };
+                if let Word::Type = key {
+                    let kind: Word = map.next_value()?;
+                    let rest = MapAccessDeserializer::new(map);
+                    return match kind {
+                        Word::Token => TokenEvent::deserialize(rest).map(GenerateEvent::Token),
+                        Word::Final => FinalEvent::deserialize(rest).map(GenerateEvent::Final),
+                        other => Err(A::Error::unknown_variant(&other.into_string(), &["token", "final"])),
+                    };
+                }
+                let mut object = serde_json::Map::new();
+                object.insert(key.into_string(), map.next_value()?);
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    object.insert(k, v);
+                }
+                let kind = object.remove("type").ok_or_else(|| A::Error::missing_field("type"))?;
+                let rest = serde_json::Value::Object(object);
+                match kind.as_str() {
+                    Some("token") => TokenEvent::deserialize(rest).map(GenerateEvent::Token).map_err(A::Error::custom),
+                    Some("final") => FinalEvent::deserialize(rest).map(GenerateEvent::Final).map_err(A::Error::custom),
+                    _ => Err(A::Error::custom(format!("unknown event type {kind}: expected `token` or `final`"))),
+                }
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A string read without keeping it when it is one of the words an event starts with.
+enum Word {
+    Type,
+    Token,
+    Final,
+    Other(String),
+}
+
+impl Word {
+    fn into_string(self) -> String {
+        match self {
+            Word::Type => "type".into(),
+            Word::Token => "token".into(),
+            Word::Final => "final".into(),
+            Word::Other(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Word;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Word, E> {
+                Ok(match v {
+                    "type" => Word::Type,
+                    "token" => Word::Token,
+                    "final" => Word::Final,
+                    other => Word::Other(other.to_string()),
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -327,4 +411,30 @@ pub struct RequestCounts {
     pub length: u64,
     pub cancelled: u64,
     pub failed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_read_with_the_type_anywhere_and_bad_ones_say_why() {
+        let token = GenerateEvent::Token(TokenEvent { token_ids: vec![5, 6], text: " Hi".into(), logprobs: Some(vec![-0.5, -1.0]), top_logprobs: None });
+        let line = serde_json::to_string(&token).unwrap();
+        assert!(line.starts_with(r#"{"type":"token""#), "{line}");
+        assert_eq!(serde_json::from_str::<GenerateEvent>(&line).unwrap(), token);
+        // The type last: buffered, same event.
+        let moved = json!({"token_ids": [5, 6], "text": " Hi", "logprobs": [-0.5, -1.0], "type": "token"});
+        assert_eq!(serde_json::from_value::<GenerateEvent>(moved.clone()).unwrap(), token);
+        assert_eq!(serde_json::from_str::<GenerateEvent>(&moved.to_string()).unwrap(), token);
+        let last = json!({"type": "final", "finish_reason": "stop", "text": "!", "usage": {"prompt_tokens": 2, "completion_tokens": 1}, "total_ms": 3.5});
+        assert!(matches!(serde_json::from_value::<GenerateEvent>(last).unwrap(), GenerateEvent::Final(f) if f.text == "!" && f.usage.cached_tokens == 0));
+        let unknown = serde_json::from_str::<GenerateEvent>(r#"{"type": "tokens", "token_ids": [], "text": ""}"#).unwrap_err().to_string();
+        assert!(unknown.contains("tokens") && unknown.contains("token"), "{unknown}");
+        let untyped = serde_json::from_str::<GenerateEvent>(r#"{"token_ids": [], "text": ""}"#).unwrap_err().to_string();
+        assert!(untyped.contains("type"), "{untyped}");
+        let incomplete = serde_json::from_str::<GenerateEvent>(r#"{"type": "token", "text": ""}"#).unwrap_err().to_string();
+        assert!(incomplete.contains("token_ids"), "{incomplete}");
+    }
 }
