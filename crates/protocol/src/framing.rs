@@ -90,7 +90,8 @@ pub async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, msg: &str) -> io::Resu
     write_whole_line(w, &line).await
 }
 
-async fn write_whole_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> io::Result<()> {
+/// Writes a line that already ends in its newline, in one write, and flushes it.
+pub async fn write_whole_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> io::Result<()> {
     w.write_all(line).await?;
     w.flush().await
 }

@@ -25,11 +25,11 @@ use jsonrpsee::types::ErrorObjectOwned;
 use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::framing::LineReader;
+use crate::framing::{LineReader, write_whole_line};
 use crate::types::{GenerateEvent, GenerateRequest, Handshake, Heartbeat, ModelInfo, ShutdownAck, Stats, Unloaded};
 use crate::HEARTBEAT_METHOD;
 
@@ -244,11 +244,7 @@ impl WorkerLink {
 
     async fn write(&self, line: &[u8]) -> Result<(), LinkError> {
         let mut w = self.inner.writer.lock().await;
-        let written = async {
-            w.write_all(line).await?;
-            w.flush().await
-        };
-        written.await.map_err(|e| LinkError::Closed(format!("writing to the worker: {e}")))
+        write_whole_line(&mut *w, line).await.map_err(|e| LinkError::Closed(format!("writing to the worker: {e}")))
     }
 
     fn closed_error(&self) -> LinkError {
@@ -447,35 +443,71 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
                 f.write_str("a JSON-RPC notification")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut method: Option<std::borrow::Cow<'de, str>> = None;
+                // Keys and the method are matched as they are read, never kept.
+                let mut method = None;
                 let mut message = None;
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    match key.as_ref() {
-                        "method" => method = Some(map.next_value()?),
-                        "params" => {
-                            message = Some(match method.as_deref() {
-                                Some(GENERATE_EVENT_METHOD) => {
+                while let Some(key) = map.next_key::<Field>()? {
+                    match key {
+                        Field::Method => method = Some(map.next_value::<Method>()?),
+                        Field::Params => {
+                            message = Some(match method {
+                                Some(Method::GenerateEvent) => {
                                     let p: EventParams = map.next_value()?;
                                     Message::Event { subscription: p.subscription, event: Ok(p.result) }
                                 }
-                                Some(HEARTBEAT_METHOD) => Message::Heartbeat(map.next_value()?),
-                                Some(_) => {
+                                Some(Method::Heartbeat) => Message::Heartbeat(map.next_value()?),
+                                Some(Method::Other) => {
                                     map.next_value::<IgnoredAny>()?;
                                     Message::Other
                                 }
                                 None => return Err(de::Error::custom("params before method")),
                             })
                         }
-                        "jsonrpc" => {
+                        Field::Jsonrpc => {
                             map.next_value::<IgnoredAny>()?;
                         }
-                        _ => return Err(de::Error::custom("not a notification")),
                     }
                 }
                 message.ok_or_else(|| de::Error::custom("no params"))
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// The keys of a notification; any other key (an answer's `id`) fails the fast path.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Field {
+    Jsonrpc,
+    Method,
+    Params,
+}
+
+/// A notification's method, as far as the link tells them apart.
+enum Method {
+    GenerateEvent,
+    Heartbeat,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Method;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a method name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Method, E> {
+                Ok(match v {
+                    GENERATE_EVENT_METHOD => Method::GenerateEvent,
+                    HEARTBEAT_METHOD => Method::Heartbeat,
+                    _ => Method::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
