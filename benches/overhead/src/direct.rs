@@ -1,8 +1,10 @@
 //! A worker called directly: JSON-RPC lines over its stdin and stdout, with blocking reads so the
-//! time of each read is the time its bytes arrived.
-use std::io::{Read, Write};
+//! time of each read is the time its bytes arrived. Or the same lines through the bare relay
+//! (relay.rs): a TCP connection to a process that copies them to and from the worker's pipes.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use mlx_serving_protocol::GenerateRequest;
@@ -13,8 +15,12 @@ use crate::clock::{Sample, now_ns};
 
 pub struct Direct {
     child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: ChildStdout,
+    /// The relay process, when the lines go through it.
+    relay: Option<Child>,
+    /// The worker's stdin, or the connection to the relay.
+    stdin: Option<Box<dyn Write>>,
+    /// The worker's stdout, or the connection to the relay.
+    stdout: Box<dyn Read>,
     /// Bytes read but not yet split into lines.
     buf: Vec<u8>,
     /// When the latest read returned: every complete line in `buf` came with it.
@@ -33,8 +39,8 @@ struct Request<'a, P> {
 
 impl Direct {
     /// Starts `command` (with the arguments the supervisor gives its workers), preloading the
-    /// tap, and loads `model` under the name `name`.
-    pub fn start(command: &[String], tap: &Path, tap_log: &Path, stderr: &Path, name: &str, model: &Path) -> Result<Direct> {
+    /// tap, behind the relay if `relay`, and loads `model` under the name `name`.
+    pub fn start(command: &[String], tap: &Path, tap_log: &Path, stderr: &Path, name: &str, model: &Path, relay: bool) -> Result<Direct> {
         let (program, args) = command.split_first().context("empty worker command")?;
         let mut child = Command::new(program)
             .args(args)
@@ -47,7 +53,26 @@ impl Direct {
             .with_context(|| format!("starting {program}"))?;
         let stdin = child.stdin.take().context("no stdin")?;
         let stdout = child.stdout.take().context("no stdout")?;
-        let mut d = Direct { child, stdin: Some(stdin), stdout, buf: Vec::new(), last_read: 0, next_id: 0 };
+        let (stdin, stdout, relay): (Box<dyn Write>, Box<dyn Read>, _) = if relay {
+            // The relay gets the worker's pipes as its stdin and stdout, and says on stderr which
+            // port it listens on.
+            let mut process = Command::new(std::env::current_exe()?)
+                .args(["--worker", "-", "--serve", "-", "--model", "-", "--tap", "-", "--relay-child"])
+                .stdin(Stdio::from(stdout))
+                .stdout(Stdio::from(stdin))
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting the relay")?;
+            let mut port = String::new();
+            BufReader::new(process.stderr.take().context("no relay stderr")?).read_line(&mut port)?;
+            let port: u16 = port.trim().parse().with_context(|| format!("the relay's port: {port:?}"))?;
+            let socket = TcpStream::connect(("127.0.0.1", port))?;
+            socket.set_nodelay(true)?;
+            (Box::new(socket.try_clone()?), Box::new(socket), Some(process))
+        } else {
+            (Box::new(stdin), Box::new(stdout), None)
+        };
+        let mut d = Direct { child, relay, stdin: Some(stdin), stdout, buf: Vec::new(), last_read: 0, next_id: 0 };
         d.call("handshake", json!({}))?;
         d.call("load_model", json!({"model": name, "path": model.display().to_string()}))?;
         Ok(d)
@@ -131,9 +156,14 @@ impl Direct {
         }
     }
 
-    /// Closes stdin (the worker exits at once) and waits for it.
+    /// Closes stdin (the relay, then the worker, exit at once) and waits for them.
     pub fn stop(mut self) -> Result<()> {
         drop(self.stdin.take());
+        // Both ends of the connection to the relay must close for it to see the end.
+        self.stdout = Box::new(std::io::empty());
+        if let Some(mut relay) = self.relay.take() {
+            relay.wait()?;
+        }
         self.child.wait()?;
         Ok(())
     }

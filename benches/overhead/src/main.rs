@@ -15,9 +15,15 @@
 //!
 //! The supervisor's overhead is the difference between the supervised and the direct path, at
 //! p50, p90 and p99.
+//!
+//! A third worker sits behind a bare relay: a process that copies bytes between a TCP
+//! connection and the worker's pipes, with no parsing. Relay minus direct is what one more
+//! process between the client and the worker costs on this machine, whatever it does: the floor
+//! under any out-of-process supervisor.
 mod clock;
 mod direct;
 mod http;
+mod relay;
 mod report;
 mod serve;
 mod stats;
@@ -72,45 +78,76 @@ pub struct Args {
     /// Runs the tap's cost measurement child (internal).
     #[arg(long, hide = true)]
     pub tap_cost_child: Option<usize>,
+    /// Runs as the relay between a TCP connection and the worker on stdin and stdout (internal).
+    #[arg(long, hide = true)]
+    pub relay_child: bool,
+}
+
+/// Which way a request reaches its worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// JSON-RPC lines on the worker's own pipes.
+    Direct,
+    /// The same lines through the bare relay (TCP to the relay, pipes to the worker).
+    Relay,
+    /// HTTP through `mlx-serving serve`.
+    Supervised,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// max_tokens 1, straight to the worker.
     DirectRequest,
+    /// max_tokens 1, through the bare relay.
+    RelayRequest,
     /// max_tokens 1, `stream: true` through the supervisor.
     SseRequest,
     /// max_tokens 1, `stream: false` through the supervisor.
     JsonRequest,
     /// max_tokens N, straight to the worker.
     DirectStream,
+    /// max_tokens N, through the bare relay.
+    RelayStream,
     /// max_tokens N, `stream: true` through the supervisor.
     SseStream,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [Kind::DirectRequest, Kind::SseRequest, Kind::JsonRequest, Kind::DirectStream, Kind::SseStream];
+    const ALL: [Kind; 7] = [
+        Kind::DirectRequest,
+        Kind::RelayRequest,
+        Kind::SseRequest,
+        Kind::JsonRequest,
+        Kind::DirectStream,
+        Kind::RelayStream,
+        Kind::SseStream,
+    ];
 
     /// The prompt of round `round`: new to the worker that gets it (workers keep a prefix cache),
     /// the same for the two requests compared with each other, and of the same length for all.
     fn prompt(self, round: usize) -> String {
         let variant = match self {
-            Kind::DirectRequest | Kind::SseRequest => 'a',
+            Kind::DirectRequest | Kind::RelayRequest | Kind::SseRequest => 'a',
             Kind::JsonRequest => 'b',
-            Kind::DirectStream | Kind::SseStream => 'c',
+            Kind::DirectStream | Kind::RelayStream | Kind::SseStream => 'c',
         };
         format!("Round {round} ({variant}): tell me about the license and what it allows.")
     }
 
-    pub fn direct(self) -> bool {
-        matches!(self, Kind::DirectRequest | Kind::DirectStream)
+    pub fn via(self) -> Via {
+        match self {
+            Kind::DirectRequest | Kind::DirectStream => Via::Direct,
+            Kind::RelayRequest | Kind::RelayStream => Via::Relay,
+            Kind::SseRequest | Kind::JsonRequest | Kind::SseStream => Via::Supervised,
+        }
+    }
+
+    pub fn stream(self) -> bool {
+        matches!(self, Kind::DirectStream | Kind::RelayStream | Kind::SseStream)
     }
 
     fn max_tokens(self, stream_tokens: usize) -> usize {
-        match self {
-            Kind::DirectStream | Kind::SseStream => stream_tokens,
-            _ => 1,
-        }
+        if self.stream() { stream_tokens } else { 1 }
     }
 }
 
@@ -130,6 +167,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.tap_cost_child {
         return tap::cost_child(n);
+    }
+    if args.relay_child {
+        return relay::child();
     }
     let dir = std::env::temp_dir().join(format!("mlx-serving-overhead-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -161,7 +201,8 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
         .into_iter()
         .chain(["--heartbeat-ms", "1000", "--max-line-bytes", "4194304", "--device", "auto"].map(String::from))
         .collect();
-    let mut direct = Direct::start(&command, &tap, &dir.join("direct.tap"), &dir.join("direct.log"), MODEL, &model)?;
+    let mut direct = Direct::start(&command, &tap, &dir.join("direct.tap"), &dir.join("direct.log"), MODEL, &model, false)?;
+    let mut relayed = Direct::start(&command, &tap, &dir.join("relay.tap"), &dir.join("relay.log"), MODEL, &model, true)?;
     supervisor.wait_ready()?;
     let mut http = Http::connect(supervisor.addr)?;
     eprintln!("both paths ready; {} warm-up rounds, then {} rounds", args.warmup, args.rounds);
@@ -184,7 +225,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
             let max_tokens = kind.max_tokens(args.tokens);
             let id = format!("ovh-{round:06}-{}", kind as u8);
             let prompt = kind.prompt(round);
-            let sample = if kind.direct() {
+            let sample = if kind.via() != Via::Supervised {
                 let mut req = GenerateRequest::new(
                     id,
                     MODEL,
@@ -192,7 +233,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
                     max_tokens,
                 );
                 req.ignore_eos = true;
-                direct.generate(&req)?
+                if kind.via() == Via::Direct { direct.generate(&req)? } else { relayed.generate(&req)? }
             } else {
                 let stream = kind != Kind::JsonRequest;
                 let body = json!({
@@ -222,11 +263,15 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
     let elapsed_s = started.elapsed().as_secs_f64();
     drop(http);
     direct.stop()?;
+    relayed.stop()?;
     supervisor.stop()?;
 
-    let direct_segments = tap::segments(&dir.join("direct.tap"))?;
-    let supervised_segments = tap::segments(&dir.join("supervised.tap"))?;
-    let report = report::report(&runs, &direct_segments, &supervised_segments)?;
+    let segments = report::Segments {
+        direct: tap::segments(&dir.join("direct.tap"))?,
+        relay: tap::segments(&dir.join("relay.tap"))?,
+        supervised: tap::segments(&dir.join("supervised.tap"))?,
+    };
+    let report = report::report(&runs, &segments)?;
     let machine = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": cpu_model(),

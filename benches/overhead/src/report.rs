@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::stats::{Added, Summary, added, summary};
 use crate::tap::Segment;
-use crate::{Args, Kind, Run};
+use crate::{Args, Kind, Run, Via};
 
 /// Microseconds between two CLOCK_MONOTONIC readings.
 fn us(from: u64, to: u64) -> f64 {
@@ -38,17 +38,30 @@ fn gaps(times: &[u64]) -> Vec<f64> {
     times.windows(2).map(|w| us(w[0], w[1])).collect()
 }
 
-fn measure(kind: Kind, runs: &[Run], direct: &[Segment], supervised: &[Segment]) -> Result<Measures> {
+/// The requests each worker's tap saw, in order.
+pub struct Segments {
+    pub direct: Vec<Segment>,
+    pub relay: Vec<Segment>,
+    pub supervised: Vec<Segment>,
+}
+
+impl Segments {
+    fn of(&self, via: Via) -> &[Segment] {
+        match via {
+            Via::Direct => &self.direct,
+            Via::Relay => &self.relay,
+            Via::Supervised => &self.supervised,
+        }
+    }
+}
+
+fn measure(kind: Kind, runs: &[Run], segments: &Segments) -> Result<Measures> {
     let mut m = Measures::default();
-    let (mut d, mut s) = (0, 0);
+    let mut seen = [0usize; 3];
     for run in runs {
-        let seg = if run.kind.direct() {
-            d += 1;
-            direct.get(d - 1)
-        } else {
-            s += 1;
-            supervised.get(s - 1)
-        };
+        let via = run.kind.via();
+        seen[via as usize] += 1;
+        let seg = segments.of(via).get(seen[via as usize] - 1);
         let seg = seg.with_context(|| format!("the tap has fewer requests than were sent ({:?})", run.kind))?;
         if seg.tokens.len() != run.sample.tokens.len() {
             bail!("the tap and the client disagree on the tokens of a {:?} request", run.kind);
@@ -68,7 +81,7 @@ fn measure(kind: Kind, runs: &[Run], direct: &[Segment], supervised: &[Segment])
         m.end_to_end.push(us(x.sent, x.done));
         m.inside.push(us(seg.arrived, seg.finished));
         m.supervisor_cpu.push(run.supervisor_cpu_ns as f64 / 1000.0);
-        if matches!(kind, Kind::DirectStream | Kind::SseStream) {
+        if kind.stream() {
             m.token_delivery.extend(x.tokens.iter().zip(&seg.tokens).map(|(r, w)| us(*w, *r)));
             m.worker_gap.push(median(&gaps(&seg.tokens)));
             m.client_gap.push(median(&gaps(&x.tokens)));
@@ -118,10 +131,19 @@ fn path_report(m: &Measures) -> PathReport {
 #[derive(serde::Serialize)]
 pub struct Report {
     direct_request: PathReport,
+    relay_request: PathReport,
     sse_request: PathReport,
     json_request: PathReport,
     direct_stream: PathReport,
+    relay_stream: PathReport,
     sse_stream: PathReport,
+    /// Relay minus direct: what one more process that only copies bytes adds, per request
+    /// (outside the worker) and per streamed token. The floor under the figures below.
+    floor_per_request: Added,
+    floor_per_token: Added,
+    /// Supervised (SSE) minus relay: what the supervisor adds above that floor.
+    above_floor_per_request: Added,
+    above_floor_per_token: Added,
     /// Supervised minus direct, per request (max_tokens 1), outside the worker.
     added_per_request_sse: Added,
     added_per_request_json: Added,
@@ -137,21 +159,23 @@ pub struct Report {
     supervisor_cpu_per_token: f64,
 }
 
-pub fn report(runs: &[Run], direct: &[Segment], supervised: &[Segment]) -> Result<Report> {
-    let expected_direct = runs.iter().filter(|r| r.kind.direct()).count();
-    if direct.len() != expected_direct || supervised.len() != runs.len() - expected_direct {
-        bail!(
-            "the taps saw {} direct and {} supervised requests; {} and {} were sent",
-            direct.len(),
-            supervised.len(),
-            expected_direct,
-            runs.len() - expected_direct
-        );
+pub fn report(runs: &[Run], segments: &Segments) -> Result<Report> {
+    for via in [Via::Direct, Via::Relay, Via::Supervised] {
+        let sent = runs.iter().filter(|r| r.kind.via() == via).count();
+        let seen = segments.of(via).len();
+        if seen != sent {
+            bail!("the tap of the {via:?} worker saw {seen} requests; {sent} were sent");
+        }
     }
     let stream_tokens = runs.iter().find(|r| r.kind == Kind::SseStream).map_or(1, |r| r.sample.tokens.len());
-    let m = |k| measure(k, runs, direct, supervised);
-    let (dr, sr, jr, ds, ss) = (m(Kind::DirectRequest)?, m(Kind::SseRequest)?, m(Kind::JsonRequest)?, m(Kind::DirectStream)?, m(Kind::SseStream)?);
+    let m = |k| measure(k, runs, segments);
+    let (dr, rr, sr, jr) = (m(Kind::DirectRequest)?, m(Kind::RelayRequest)?, m(Kind::SseRequest)?, m(Kind::JsonRequest)?);
+    let (ds, rs, ss) = (m(Kind::DirectStream)?, m(Kind::RelayStream)?, m(Kind::SseStream)?);
     Ok(Report {
+        floor_per_request: added(&dr.outside, &rr.outside),
+        floor_per_token: added(&ds.token_delivery, &rs.token_delivery),
+        above_floor_per_request: added(&rr.outside, &sr.outside),
+        above_floor_per_token: added(&rs.token_delivery, &ss.token_delivery),
         added_per_request_sse: added(&dr.outside, &sr.outside),
         added_per_request_json: added(&dr.outside, &jr.outside),
         added_end_to_end_sse: added(&dr.end_to_end, &sr.end_to_end),
@@ -160,9 +184,11 @@ pub fn report(runs: &[Run], direct: &[Segment], supervised: &[Segment]) -> Resul
         added_client_gap: added(&ds.client_gap, &ss.client_gap),
         supervisor_cpu_per_token: (median(&ss.supervisor_cpu) - median(&sr.supervisor_cpu)) / (stream_tokens.max(2) - 1) as f64,
         direct_request: path_report(&dr),
+        relay_request: path_report(&rr),
         sse_request: path_report(&sr),
         json_request: path_report(&jr),
         direct_stream: path_report(&ds),
+        relay_stream: path_report(&rs),
         sse_stream: path_report(&ss),
     })
 }
@@ -187,6 +213,7 @@ pub fn print(r: &Report, args: &Args, tap_cost: &Value, machine: &Value) {
     println!();
     println!("  {:<44} {:>9} {:>9} {:>9} {:>6}", "per request, max_tokens=1 (µs)", "p50", "p90", "p99", "n");
     row("direct: outside the worker", &r.direct_request.outside);
+    row("bare relay: outside the worker", &r.relay_request.outside);
     row("supervisor, SSE: outside the worker", &r.sse_request.outside);
     row("supervisor, JSON: outside the worker", &r.json_request.outside);
     row("direct: request reaches the worker", &r.direct_request.ingress);
@@ -202,13 +229,20 @@ pub fn print(r: &Report, args: &Args, tap_cost: &Value, machine: &Value) {
     add("ADDED per request, JSON (outside the worker)", &r.added_per_request_json, Some(200.0));
     add("added per request, SSE (end to end)", &r.added_end_to_end_sse, None);
     add("added per request, JSON (end to end)", &r.added_end_to_end_json, None);
+    add("floor: bare relay - direct", &r.floor_per_request, None);
+    add("supervisor, SSE - bare relay", &r.above_floor_per_request, None);
     println!();
     println!("  {:<44} {:>9} {:>9} {:>9} {:>6}", format!("per token, streams of {} (µs)", args.tokens), "p50", "p90", "p99", "n");
     if let (Some(d), Some(s)) = (&r.direct_stream.token_delivery, &r.sse_stream.token_delivery) {
         row("direct: token written -> line read", d);
+        if let Some(relay) = &r.relay_stream.token_delivery {
+            row("bare relay: token written -> line read", relay);
+        }
         row("supervisor, SSE: token written -> chunk read", s);
     }
     add("ADDED per token", &r.added_per_token, Some(20.0));
+    add("floor: bare relay - direct", &r.floor_per_token, None);
+    add("supervisor, SSE - bare relay", &r.above_floor_per_token, None);
     if let (Some(dw), Some(sw), Some(dc), Some(sc)) =
         (&r.direct_stream.worker_gap, &r.sse_stream.worker_gap, &r.direct_stream.client_gap, &r.sse_stream.client_gap)
     {
