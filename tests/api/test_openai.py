@@ -285,6 +285,17 @@ def test_metrics_parse_and_list_every_documented_metric(server):
     # The parser drops the _total suffix of counters.
     missing = sorted(n for n in names if n not in families and n.removesuffix("_total") not in families)
     assert not missing, missing
+    values = {(x.name, tuple(sorted(x.labels.items()))): x.value
+              for f in text_string_to_metric_families(text) for x in f.samples}
+    chat = (("model", "m"), ("route", "/v1/chat/completions"))
+    assert values[("mlx_http_requests_total", chat + (("status", "200"),))] >= 1
+    assert values[("mlx_http_requests_total", chat + (("status", "499"),))] >= 1
+    assert values[("mlx_cancellations_total", (("model", "m"),))] >= 1
+    assert values[("mlx_request_duration_seconds_count", chat)] >= 1
+    assert values[("mlx_time_to_first_token_seconds_count", (("model", "m"),))] >= 2
+    # A model nobody serves is refused without its name becoming a label value.
+    assert values[("mlx_rejected_requests_total", (("model", ""), ("reason", "invalid")))] >= 1
+    assert "nope" not in text
 
 
 def test_identical_greedy_requests_at_once_get_the_same_answer(server):

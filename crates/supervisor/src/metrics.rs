@@ -1,6 +1,7 @@
 //! Prometheus metrics. Every name is listed in docs/metrics.md; they are recorded where the
 //! events happen (the HTTP front, the pool, the slots) and exported by `GET /metrics`.
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -56,48 +57,107 @@ pub fn request_done(route: &'static str, model: &str, status: u16) {
         .increment(1);
 }
 
-pub fn request_seconds(route: &'static str, model: &str, seconds: f64) {
-    histogram!("mlx_request_duration_seconds", "route" => route, "model" => model.to_string()).record(seconds);
+/// The handles a request a worker took records into, for its route and model: registered once
+/// per route and model and kept (each `counter!`/`histogram!` with labels builds a key and
+/// looks it up in the registry, which a request would otherwise do about ten times).
+pub struct RequestMetrics {
+    route: &'static str,
+    model: String,
+    queue_wait: metrics::Histogram,
+    first_token: metrics::Histogram,
+    token_gap: metrics::Histogram,
+    prompt_total: metrics::Counter,
+    completion_total: metrics::Counter,
+    prompt: metrics::Histogram,
+    completion: metrics::Histogram,
+    seconds: metrics::Histogram,
+    done_ok: metrics::Counter,
+    cancelled: metrics::Counter,
 }
 
-pub fn queue_wait(model: &str, seconds: f64) {
-    histogram!("mlx_queue_wait_seconds", "model" => model.to_string()).record(seconds);
-}
+/// At most this many (route, model) pairs keep their handles; more register per request. Only
+/// requests a worker took get here, so the pairs are those of the models being served.
+const KEPT_REQUEST_METRICS: usize = 256;
 
-/// A request's handles to its model's per-token latency histograms: looked up once per request,
-/// recorded on every token.
-pub struct TokenLatency {
-    first: metrics::Histogram,
-    gap: metrics::Histogram,
-}
+type Kept = RwLock<HashMap<&'static str, HashMap<String, Arc<RequestMetrics>>>>;
 
-impl TokenLatency {
-    pub fn new(model: &str) -> TokenLatency {
-        TokenLatency {
-            first: histogram!("mlx_time_to_first_token_seconds", "model" => model.to_string()),
-            gap: histogram!("mlx_inter_token_latency_seconds", "model" => model.to_string()),
+static KEPT: OnceLock<Kept> = OnceLock::new();
+
+impl RequestMetrics {
+    /// The handles of `route` and `model`, registered on first use.
+    pub fn of(route: &'static str, model: &str) -> Arc<RequestMetrics> {
+        let kept = KEPT.get_or_init(Default::default);
+        if let Some(m) = kept.read().unwrap_or_else(|e| e.into_inner()).get(route).and_then(|by_model| by_model.get(model)) {
+            return m.clone();
+        }
+        let m = Arc::new(RequestMetrics::register(route, model));
+        // Handles taken before the recorder is installed go nowhere: keep only live ones.
+        if HANDLE.get().is_some() {
+            let mut kept = kept.write().unwrap_or_else(|e| e.into_inner());
+            if kept.values().map(HashMap::len).sum::<usize>() < KEPT_REQUEST_METRICS {
+                kept.entry(route).or_default().insert(model.to_string(), m.clone());
+            }
+        }
+        m
+    }
+
+    fn register(route: &'static str, model: &str) -> RequestMetrics {
+        let m = || model.to_string();
+        RequestMetrics {
+            route,
+            model: m(),
+            queue_wait: histogram!("mlx_queue_wait_seconds", "model" => m()),
+            first_token: histogram!("mlx_time_to_first_token_seconds", "model" => m()),
+            token_gap: histogram!("mlx_inter_token_latency_seconds", "model" => m()),
+            prompt_total: counter!("mlx_prompt_tokens_total", "model" => m()),
+            completion_total: counter!("mlx_completion_tokens_total", "model" => m()),
+            prompt: histogram!("mlx_prompt_tokens", "model" => m()),
+            completion: histogram!("mlx_completion_tokens", "model" => m()),
+            seconds: histogram!("mlx_request_duration_seconds", "route" => route, "model" => m()),
+            done_ok: counter!("mlx_http_requests_total", "route" => route, "model" => m(), "status" => "200"),
+            cancelled: counter!("mlx_cancellations_total", "model" => m()),
         }
     }
 
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub fn queue_wait(&self, seconds: f64) {
+        self.queue_wait.record(seconds);
+    }
+
     pub fn first_token(&self, seconds: f64) {
-        self.first.record(seconds);
+        self.first_token.record(seconds);
     }
 
     /// `n` tokens that arrived together, `seconds` apart on average.
     pub fn gaps(&self, seconds: f64, n: usize) {
-        self.gap.record_many(seconds, n);
+        self.token_gap.record_many(seconds, n);
     }
-}
 
-pub fn tokens(model: &str, prompt: usize, completion: usize) {
-    counter!("mlx_prompt_tokens_total", "model" => model.to_string()).increment(prompt as u64);
-    counter!("mlx_completion_tokens_total", "model" => model.to_string()).increment(completion as u64);
-    histogram!("mlx_prompt_tokens", "model" => model.to_string()).record(prompt as f64);
-    histogram!("mlx_completion_tokens", "model" => model.to_string()).record(completion as f64);
-}
+    pub fn tokens(&self, prompt: usize, completion: usize) {
+        self.prompt_total.increment(prompt as u64);
+        self.completion_total.increment(completion as u64);
+        self.prompt.record(prompt as f64);
+        self.completion.record(completion as f64);
+    }
 
-pub fn cancelled(model: &str) {
-    counter!("mlx_cancellations_total", "model" => model.to_string()).increment(1);
+    /// The request ended with `status` after `seconds`.
+    pub fn done(&self, status: u16, seconds: f64) {
+        if status == 200 {
+            self.done_ok.increment(1);
+        } else {
+            request_done(self.route, &self.model, status);
+        }
+        self.seconds.record(seconds);
+    }
+
+    /// The client went away before the end.
+    pub fn cancelled(&self) {
+        self.cancelled.increment(1);
+        request_done(self.route, &self.model, 499);
+    }
 }
 
 pub fn rejected(model: &str, reason: &'static str) {

@@ -91,7 +91,9 @@ pub async fn serve(listen: SocketAddr, router: Router, stop: CancellationToken) 
             tracing::debug!("TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await
+    // The router is cloned per connection as it is (an Arc): axum's default would rebuild its route
+    // table for every connection.
+    axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move { stop.cancelled().await }).await
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -197,12 +199,14 @@ async fn answer(state: &ApiState, req: ValidRequest, arrived: Instant, id: &str,
                 crate::PoolError::InvalidRequest { .. } | crate::PoolError::UnknownModel { .. } => "invalid",
                 _ => "unavailable",
             };
-            crate::metrics::rejected(&req.model, reason);
-            return fail(&req.model, ApiError::from_pool(e, route.prompt_param()));
+            // A model name no worker serves is the client's text: it never becomes a label value,
+            // or every new name would add series to /metrics.
+            let model = if matches!(e, crate::PoolError::UnknownModel { .. }) { "" } else { req.model.as_str() };
+            crate::metrics::rejected(model, reason);
+            return fail(model, ApiError::from_pool(e, route.prompt_param()));
         }
         None => return fail(&req.model, ApiError::from_pool(crate::PoolError::ShuttingDown, route.prompt_param())),
     };
-    crate::metrics::queue_wait(&req.model, arrived.elapsed().as_secs_f64());
     let meta = stream::Meta::new(&req, id, arrived);
     if req.stream {
         stream::sse(meta, &req, feed, first, state.config.sse_keep_alive_s).into_response()

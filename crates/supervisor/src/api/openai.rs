@@ -126,8 +126,13 @@ pub struct TokenLimits {
 
 pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) -> Result<ValidRequest, ApiError> {
     let default_max_tokens = limits.default_max_tokens;
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let b: Body = serde_path_to_error::deserialize(de).map_err(|e| {
+    // A body that reads is read once, without tracking the path; one that does not is read again
+    // with the path tracked, to name where it went wrong.
+    let b: Result<Body, serde_path_to_error::Error<serde_json::Error>> = serde_json::from_slice(body).or_else(|_| {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de)
+    });
+    let b: Body = b.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let text = inner.to_string();

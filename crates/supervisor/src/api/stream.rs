@@ -7,6 +7,7 @@
 //! request reads it any more).
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
@@ -19,43 +20,48 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::openai::{self, Route, ValidRequest};
 use super::shared::Feed;
+use crate::metrics::RequestMetrics;
 use crate::pool::PoolEvent;
 
-/// What a request records for metrics as it goes.
+/// What a request a worker took records for metrics as it goes.
 pub struct Meta {
     pub id: String,
     route: Route,
-    model: String,
     arrived: Instant,
     last_token: Option<Instant>,
-    latency: Option<crate::metrics::TokenLatency>,
+    metrics: Arc<RequestMetrics>,
     finished: bool,
 }
 
 impl Meta {
+    /// Also records the time the request waited for a worker.
     pub fn new(req: &ValidRequest, id: &str, arrived: Instant) -> Meta {
-        Meta { id: id.to_string(), route: req.route, model: req.model.clone(), arrived, last_token: None, latency: None, finished: false }
+        let metrics = RequestMetrics::of(req.route.name(), &req.model);
+        metrics.queue_wait(arrived.elapsed().as_secs_f64());
+        Meta { id: id.to_string(), route: req.route, arrived, last_token: None, metrics, finished: false }
+    }
+
+    pub fn model(&self) -> &str {
+        self.metrics.model()
     }
 
     pub fn on_tokens(&mut self, n: usize) {
         let now = Instant::now();
-        let latency = self.latency.get_or_insert_with(|| crate::metrics::TokenLatency::new(&self.model));
         match self.last_token {
-            None => latency.first_token(now.duration_since(self.arrived).as_secs_f64()),
-            Some(t) if n > 0 => latency.gaps(now.duration_since(t).as_secs_f64() / n as f64, n),
+            None => self.metrics.first_token(now.duration_since(self.arrived).as_secs_f64()),
+            Some(t) if n > 0 => self.metrics.gaps(now.duration_since(t).as_secs_f64() / n as f64, n),
             Some(_) => {}
         }
         self.last_token = Some(now);
     }
 
     pub fn on_final(&mut self, f: &FinalEvent) {
-        crate::metrics::tokens(&self.model, f.usage.prompt_tokens, f.usage.completion_tokens);
+        self.metrics.tokens(f.usage.prompt_tokens, f.usage.completion_tokens);
     }
 
     pub fn finish(&mut self, status: u16) {
         self.finished = true;
-        crate::metrics::request_done(self.route.name(), &self.model, status);
-        crate::metrics::request_seconds(self.route.name(), &self.model, self.arrived.elapsed().as_secs_f64());
+        self.metrics.done(status, self.arrived.elapsed().as_secs_f64());
     }
 }
 
@@ -63,8 +69,7 @@ impl Drop for Meta {
     fn drop(&mut self) {
         if !self.finished {
             // The client went away before the end: the request is cancelled.
-            crate::metrics::cancelled(&self.model);
-            crate::metrics::request_done(self.route.name(), &self.model, 499);
+            self.metrics.cancelled();
         }
     }
 }
@@ -247,7 +252,7 @@ impl State {
             id: &self.chunk_id,
             object: self.meta.route.chunk_object(),
             created: self.created,
-            model: &self.meta.model,
+            model: self.meta.model(),
             choices,
             usage: self.include_usage.then_some(usage),
         };
