@@ -27,7 +27,9 @@ pub fn child() -> Result<()> {
     std::process::exit(0)
 }
 
-/// Every read written out whole, at once, until either side closes.
+/// Every read written out whole, at once, until either side closes. Not `std::io::copy`: on
+/// Linux it moves a pipe's bytes to a socket inside the kernel (splice), which a process that has
+/// to read what it forwards, as the supervisor does, cannot.
 fn copy(mut from: impl Read, to: &mut impl Write) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
