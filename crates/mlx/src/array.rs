@@ -434,6 +434,10 @@ mod tests {
         assert_eq!(s.to_vec::<f32>()?, vec![3.0, 7.0]);
         assert_eq!(a.argmax(-1, false)?.astype(Dtype::Int32)?.to_vec::<i32>()?, vec![1, 1]);
         assert_eq!(a.slice_axis(1, 1, 2)?.to_vec::<f32>()?, vec![2.0, 4.0]);
+        // Views that are not row-contiguous read in their logical order; a contiguous slice
+        // reads from its own offset.
+        assert_eq!(a.t()?.to_vec::<f32>()?, vec![1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(a.slice_axis(0, 1, 2)?.to_vec::<f32>()?, vec![3.0, 4.0]);
         Ok(())
     }
 
