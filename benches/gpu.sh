@@ -14,6 +14,8 @@
 #   bash benches/gpu.sh run --variants --step-ops /tmp/step_ops --models qwen3-0.6b-bf16 llama3-8b-bf16
 # The pool through the supervisor (1 and 2 workers on the one GPU, side by side):
 #   bash benches/gpu.sh run --pool --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32
+# A device timeline of one batch-1 decode per engine (CUPTI; call 2 carries .gpu/x3 instead of .gpu/x2):
+#   bash benches/gpu.sh run --trace /tmp/cupti/libcupti_trace.so --models qwen3-0.6b-bf16 llama3-8b-bf16
 #
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
 # call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
@@ -45,8 +47,17 @@ prepare)
   mkdir -p .gpu/x2
   strip --strip-unneeded -o .gpu/x2/mlx-serving target/release/mlx-serving
   xz -T0 -6 -f .gpu/x2/mlx-serving
+  # The timeline recorder (benches/gpu/cupti_trace.cpp) and NVIDIA's CUPTI, for --trace.
+  mkdir -p .gpu/dl-cupti .gpu/x3
+  [ -n "$(ls .gpu/dl-cupti/nvidia_cuda_crt-*.whl 2>/dev/null)" ] || pip download -q --no-deps -d .gpu/dl-cupti \
+    "nvidia-cuda-cupti==13.0.85" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-crt==13.0.88"
+  cu=.gpu/dl-cupti/x; rm -rf $cu; mkdir -p $cu
+  for w in .gpu/dl-cupti/*.whl; do python3 -m zipfile -e "$w" $cu; done
+  g++ -O2 -std=c++17 -shared -fPIC -I$cu/nvidia/cu13/include benches/gpu/cupti_trace.cpp -o .gpu/x3/libcupti_trace.so \
+    -L$cu/nvidia/cu13/lib -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN' -lpthread
+  xz -T0 -9 -c $cu/nvidia/cu13/lib/libcupti.so.13 > .gpu/x3/libcupti.so.13.xz
   tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  for c in ".gpu/p1 .gpu/x1" ".gpu/p2 .gpu/x2"; do
+  for c in ".gpu/p1 .gpu/x1" ".gpu/p2 .gpu/x2" ".gpu/p2 .gpu/x3"; do
     echo "call carrying $c: $(( (tree + $(du -cb $c | tail -1 | cut -f1)) / 1048576 )) MiB of 64"
   done
   ;;
@@ -62,6 +73,9 @@ run)
   cp $stash/nvidia_cutlass-*.whl .gpu/p2/
   xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
   [ ! -f $stash/step_ops.xz ] || { xz -dc $stash/step_ops.xz > /tmp/step_ops && chmod +x /tmp/step_ops; }
+  if [ -f .gpu/x3/libcupti.so.13.xz ]; then
+    mkdir -p /tmp/cupti && xz -dc .gpu/x3/libcupti.so.13.xz > /tmp/cupti/libcupti.so.13 && cp .gpu/x3/libcupti_trace.so /tmp/cupti/
+  fi
   serve=()
   if [ -f .gpu/x2/mlx-serving.xz ]; then
     xz -dc .gpu/x2/mlx-serving.xz > /tmp/mlx-serving && chmod +x /tmp/mlx-serving

@@ -681,6 +681,98 @@ def mlx_lm_variant(out, mdir, a, ops, env, probe):
     save()
 
 
+def trace_env(a, csv, switch):
+    return {"LD_PRELOAD": a.trace, "CUPTI_TRACE_OUT": str(csv), "CUPTI_TRACE_SWITCH": str(switch)}
+
+
+def trace_model(name, mdir, a):
+    """One batch-1 decode request of each engine with its device timeline recorded (cupti_trace.cpp,
+    after a warm-up request): what the GPU runs per step, and how long it waits between kernels."""
+    import timeline
+    rec = R["models"].setdefault(name, {})
+    rec["trace"] = out = {}
+    prompts = Prompts(mdir)
+    tdir = Path("/tmp/gpu-trace")
+    tdir.mkdir(exist_ok=True)
+    for label in a.trace_engines:
+        csv, switch = tdir / f"{name}-{label}.csv", tdir / f"{name}-{label}.on"
+        switch.unlink(missing_ok=True)
+        env = trace_env(a, csv, switch)
+        if label == "mlx-lm":
+            c = subprocess.run([sys.executable, __file__, "--mlx-lm-trace", mdir, str(a.prompt), str(a.decode), str(switch)],
+                               env={**os.environ, **env}, capture_output=True, text=True, timeout=max(60.0, HARD - time.time()))
+            if c.returncode != 0:
+                raise RuntimeError(f"mlx-lm trace failed: {c.stderr[-2000:]}")
+            r = json.loads(c.stdout.strip().splitlines()[-1])
+        else:
+            stack = "false" if label == "ours-separate" else "true"
+            w = Worker(a.binary, a.device, 8, a.kv_cache_bytes, extra=["--stack-projections", stack], env=env)
+            try:
+                w.call("load_model", {"model": "m", "path": mdir})
+                w.generate([({"token_ids": prompts.ids_of(a.prompt)}, a.decode)])
+                switch.touch()
+                time.sleep(0.05)
+                mark = len(w.timings)
+                (t, evs), = w.generate([({"token_ids": prompts.ids_of(a.prompt)}, a.decode)])
+                time.sleep(0.05)
+                switch.unlink()
+                time.sleep(0.5)
+                s = stream_stats(t, evs)
+                r = {"decode_tps": s["decode_client_tps"], "step_timing_mean_ms": step_timing_mean(w.timings[mark:])}
+            finally:
+                w.close()
+        try:
+            r.update(timeline.summary(str(csv), a.decode))
+        except Exception as e:  # noqa: BLE001
+            r["trace_error"] = repr(e)
+        out[label] = r
+        log(f"  trace {label}: decode {r.get('decode_tps') or 0:.1f} tok/s; per step: GPU span {r.get('gpu_span_us')} us, "
+            f"busy {r.get('gpu_busy_us')}, idle {r.get('gpu_idle_us')} ({r.get('gpu_idle_in_gaps_of_20us_or_more_us')} in "
+            f"{r.get('gaps_of_20us_or_more')} gaps >= 20 us), {r.get('kernels')} kernels, {r.get('copies')} copies "
+            f"{r.get('trace_error', '')}")
+        for k in r.get("top_kernels", [])[:12]:
+            log(f"    {k['us_per_step']:>8} us {k['per_step']:>6}x  {k['name'][:110]}")
+        for d in r.get("driver_calls", [])[:6]:
+            log(f"    host {d['host_us_per_step']:>8} us {d['per_step']:>6}x  {d['name']}")
+        save()
+
+
+def mlx_lm_trace_child(argv):
+    """`bench.py --mlx-lm-trace MODEL_DIR PROMPT DECODE SWITCH`: one batch-1 decode of mlx-lm's
+    generate_step after a warm-up, with SWITCH present while it runs; one JSON line on stdout."""
+    mdir, prompt, decode, switch = argv[0], int(argv[1]), int(argv[2]), Path(argv[3])
+    model, _ = mlx_lm.load(mdir)
+    prompts = Prompts(mdir)
+    greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    for measured in (False, True):
+        ids = prompts.ids_of(prompt)
+        if measured:
+            switch.touch()
+            time.sleep(0.05)
+        ts = []
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=decode, sampler=greedy):
+            int(tok)
+            ts.append(time.perf_counter())
+        if measured:
+            time.sleep(0.05)
+            switch.unlink()
+            time.sleep(0.5)
+    print(json.dumps({"decode_tps": (len(ts) - 1) / (ts[-1] - ts[0])}))
+
+
+def trace_table(L):
+    rows = [(name, label, r) for name, m in R.get("models", {}).items() for label, r in m.get("trace", {}).items()]
+    if not rows:
+        return
+    L += ["", "Device timeline of one batch-1 decode request (per step, us):", "",
+          "| model | engine | decode tok/s (traced) | GPU span | GPU busy | GPU idle | of it in gaps >= 20 us | kernels | kernel time | copies |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, label, r in rows:
+        L.append(f"| {name} | {label} | {r.get('decode_tps') or 0:.1f} | {r.get('gpu_span_us')} | {r.get('gpu_busy_us')} | "
+                 f"{r.get('gpu_idle_us')} | {r.get('gpu_idle_in_gaps_of_20us_or_more_us')} | {r.get('kernels')} | "
+                 f"{r.get('kernel_us')} | {r.get('copies')} |")
+
+
 def step_ops(name, mdir, binary):
     """Operations of one decode step on this device: ours (stacked and separate projections), mlx-lm's."""
     rec = R["models"].setdefault(name, {})
@@ -723,6 +815,7 @@ def table():
     if bw:
         L.append(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write of a {R['bandwidth']['array_bytes'] / 2**30:.0f} GiB bf16 array, median)")
     variants_table(L)
+    trace_table(L)
     if not any(m.get("batch1_ours") or m.get("aggregate_ours") for m in R.get("models", {}).values()):
         L = L[:-1] if L and L[-1] == "" else L  # the pool alone (--pool)
         return pool_table(L)
@@ -815,6 +908,8 @@ def main():
                     help="only batch-1 decode, of ours with stacked projections and without and of mlx-lm, per --variant-ops")
     ap.add_argument("--variant-ops", type=int, nargs="+", default=[0, 100], help="MLX_MAX_OPS_PER_BUFFER values (0: MLX's default)")
     ap.add_argument("--variant-stack", nargs="+", default=["true", "false"])
+    ap.add_argument("--trace", help="cupti_trace.so: record one traced batch-1 decode of each engine in --trace-engines (with --variants: as well)")
+    ap.add_argument("--trace-engines", nargs="+", default=["ours-stacked", "ours-separate", "mlx-lm"])
     ap.add_argument("--step-ops", help="the step_ops example binary: count one decode step's operations of each model")
     a = ap.parse_args()
     OUT = Path(a.out)
@@ -860,11 +955,13 @@ def main():
             R["models"][name] = {"made": mm.build(name, Path(a.work) / name, tok)}
             if a.step_ops:
                 step_ops(name, str(Path(a.work) / name), a.step_ops)
+            if a.trace:
+                trace_model(name, str(Path(a.work) / name), a)
             if a.variants:
                 variants_model(name, str(Path(a.work) / name), a)
             elif a.pool:
                 pool_model(name, str(Path(a.work) / name), a, deadline)
-            else:
+            elif not a.trace:
                 bench_model(name, str(Path(a.work) / name), a, bw, deadline)
         except Exception as e:  # noqa: BLE001
             R["models"].setdefault(name, {})["error"] = repr(e)
@@ -883,5 +980,7 @@ def main():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--mlx-lm-batch1"]:
         mlx_lm_batch1_child(sys.argv[2:])
+    elif sys.argv[1:2] == ["--mlx-lm-trace"]:
+        mlx_lm_trace_child(sys.argv[2:])
     else:
         main()
