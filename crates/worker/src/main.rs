@@ -151,6 +151,9 @@ fn run(args: Args) -> Result<()> {
     result
 }
 
+/// How long an exit on stdin EOF waits for the engine thread to finish MLX's outstanding work.
+const ENGINE_EXIT_WAIT: Duration = Duration::from_secs(5);
+
 async fn serve(args: Args, config: EngineConfig) -> Result<()> {
     let shared = Arc::new(Shared::new());
     let handshake = Handshake {
@@ -187,12 +190,18 @@ async fn serve(args: Args, config: EngineConfig) -> Result<()> {
     let tracker = TaskTracker::new();
     let mut reader = tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));
 
+    let mut engine_done = engine_done;
     tokio::select! {
-        _ = engine_done => tracing::info!("shutdown complete"),
+        _ = &mut engine_done => tracing::info!("shutdown complete"),
         _ = &mut reader => {
             tracing::info!("stdin closed: cancelling everything and exiting");
             let now = Instant::now();
             let _ = engine.call(|reply| Command::Shutdown { deadline: now, reply }).await;
+            // The engine thread ends after the work MLX still runs for it (the step launched
+            // before the last read); exiting before would tear MLX down under that work.
+            if tokio::time::timeout(ENGINE_EXIT_WAIT, &mut engine_done).await.is_err() {
+                tracing::warn!("the engine did not stop within {ENGINE_EXIT_WAIT:?}; exiting anyway");
+            }
         }
     }
     reader.abort();
