@@ -213,8 +213,16 @@ int mlxs_read(const mlxs_array* a, int dtype, void* out, size_t nbytes) {
   return guard_status([&] {
     if (from_dtype(a->a.dtype()) != dtype) throw std::invalid_argument("mlxs_read: dtype mismatch");
     if (a->a.nbytes() != nbytes) throw std::invalid_argument("mlxs_read: size mismatch");
-    auto c = mx::contiguous(a->a);
+    // Waits for this array's own work only. A copy made now to get contiguous data would queue
+    // on the array's stream behind everything given to it since (on a GPU, the next decode
+    // step launched before this read) and wait for all of that; a copy that is needed runs on
+    // the CPU, after the array is ready.
+    mx::array c = a->a;
     c.eval();
+    if (!c.flags().row_contiguous) {
+      c = mx::contiguous(c, false, mx::Device::cpu);
+      c.eval();
+    }
     if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
   });
 }

@@ -113,7 +113,7 @@ async fn drain_prefetch_unload_and_idle_unload_show_in_status() {
         assert!(m2_bytes > 1_000_000);
         assert!(
             eventually(Duration::from_secs(5), || memory_of(1) >= before + m2_bytes).await,
-            "MLX memory did not grow by the model's weights after the load"
+            "MLX memory did not grow by the model's weights after the load: before {before} now {} m2 {m2_bytes}", memory_of(1)
         );
         let loaded = memory_of(1);
 

@@ -40,6 +40,9 @@ pub enum Command {
     Stats { reply: Reply<Stats> },
     /// Stop admitting; cancel what still runs at `deadline`; then the engine thread ends.
     Shutdown { deadline: Instant, reply: Reply<ShutdownAck> },
+    /// Nothing to do: wakes an idle engine thread, which then publishes fresh figures (its
+    /// memory drops as MLX finishes work the thread no longer waits for).
+    Refresh,
 }
 
 /// A cheap handle to the engine thread.
@@ -54,6 +57,11 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Sends [`Command::Refresh`] without waiting.
+    pub fn refresh(&self) {
+        let _ = self.tx.send(Command::Refresh);
     }
 }
 

@@ -8,6 +8,7 @@ use mlx_serving_protocol::{HEARTBEAT_METHOD, Heartbeat};
 use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
 use tokio::sync::mpsc;
 
+use crate::engine::EngineHandle;
 use crate::state::Shared;
 
 /// Resident set size of this process, 0 where it cannot be read.
@@ -33,12 +34,14 @@ pub fn heartbeat(shared: &Shared, seq: u64) -> Heartbeat {
     }
 }
 
-/// Sends a heartbeat notification to `out` every `period` until `out` closes.
-pub async fn run(shared: Arc<Shared>, period: Duration, out: mpsc::Sender<String>) {
+/// Sends a heartbeat notification to `out` every `period` until `out` closes. Each tick also
+/// wakes the engine thread, so that an idle engine's figures are at most one period old.
+pub async fn run(shared: Arc<Shared>, period: Duration, out: mpsc::Sender<String>, engine: EngineHandle) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     for seq in 0.. {
         tick.tick().await;
+        engine.refresh();
         let msg = serde_json::json!({
             "jsonrpc": "2.0",
             "method": HEARTBEAT_METHOD,

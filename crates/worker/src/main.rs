@@ -185,7 +185,7 @@ async fn serve(args: Args, config: EngineConfig) -> Result<()> {
     let (out, lines) = mpsc::channel::<String>(4096);
     let writer = tokio::spawn(server::write_lines(lines, tokio::io::stdout()));
     let heartbeat =
-        tokio::spawn(heartbeat::run(shared.clone(), Duration::from_millis(args.heartbeat_ms), out.clone()));
+        tokio::spawn(heartbeat::run(shared.clone(), Duration::from_millis(args.heartbeat_ms), out.clone(), engine.clone()));
     let module = Arc::new(rpc::Worker { engine: engine.clone(), handshake }.into_rpc());
     let tracker = TaskTracker::new();
     let mut reader = tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));

@@ -230,6 +230,10 @@ impl Scheduler {
             if self.idle() {
                 self.timing.report();
                 self.timing.loop_start = None;
+                // Work MLX still runs (copies into the prefix cache) holds buffers until it
+                // ends: an idle worker reports its memory once that work is done.
+                self.settle();
+                self.publish();
             }
             if self.deadline.is_some() && self.idle() {
                 break;
@@ -242,7 +246,8 @@ impl Scheduler {
     }
 
     /// Waits for the work MLX still runs asynchronously (the last step, copies into the prefix
-    /// cache), so none of it is running when the thread and the process end.
+    /// cache), so none of it is running when the thread and the process end, and none of its
+    /// buffers counts in the memory an idle worker reports.
     fn settle(&mut self) {
         let mut arrays: Vec<&Array> = Vec::new();
         for p in &self.in_flight {
@@ -290,6 +295,7 @@ impl Scheduler {
             Command::Stats { reply } => {
                 let _ = reply.send(Ok(self.stats()));
             }
+            Command::Refresh => {}
             Command::Shutdown { deadline, reply } => {
                 let deadline = self.deadline.map_or(deadline, |d| d.min(deadline));
                 self.deadline = Some(deadline);
