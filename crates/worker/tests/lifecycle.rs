@@ -58,7 +58,9 @@ async fn shutdown_with_a_deadline_cancels_what_runs_and_exits_zero() {
             let mut sub = client.generate(request(&format!("s{i}"), Prompt::Text(format!("Stream {i}")), 1000)).await.unwrap();
             // Wait for a first token so the request is surely running.
             assert!(matches!(sub.next().await.unwrap().unwrap(), GenerateEvent::Token(_)));
-            streams.push(tokio::spawn(collect(sub)));
+            // The worker exits right after the final events: the subscriptions stay open until
+            // every final has been read (see collect_from).
+            streams.push(tokio::spawn(async move { (collect_from(&mut sub).await, sub) }));
         }
         let ack = client.shutdown(100).await.unwrap();
         assert_eq!(ack.in_flight, 4);
@@ -66,11 +68,14 @@ async fn shutdown_with_a_deadline_cancels_what_runs_and_exits_zero() {
         let Err(err) = refused else { panic!("admitted while shutting down") };
         let err = err.to_string();
         assert!(err.contains("1005") || err.contains("shutting down"), "{err}");
+        let mut open = Vec::new();
         for s in streams {
-            let got = s.await.unwrap();
+            let (got, sub) = s.await.unwrap();
             assert_eq!(got.last.finish_reason, FinishReason::Cancelled);
             assert!(got.last.usage.completion_tokens < 1000);
+            open.push(sub);
         }
+        drop(open);
         let status = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await.expect("the worker did not exit").unwrap();
         assert!(status.success(), "exit status {status}");
     })

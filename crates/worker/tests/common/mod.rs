@@ -74,6 +74,13 @@ pub struct Streamed {
 
 /// Reads a stream to its final event.
 pub async fn collect(mut sub: Subscription<GenerateEvent>) -> Streamed {
+    collect_from(&mut sub).await
+}
+
+/// Reads a stream to its final event and leaves the subscription open: dropping it makes the
+/// client send an unsubscribe, and a client whose write fails (the worker has exited) ends all
+/// its other subscriptions, including finals it has read but not yet delivered.
+pub async fn collect_from(sub: &mut Subscription<GenerateEvent>) -> Streamed {
     let mut tokens = Vec::new();
     let mut text = String::new();
     while let Some(event) = sub.next().await {
