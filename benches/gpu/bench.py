@@ -681,10 +681,6 @@ def mlx_lm_variant(out, mdir, a, ops, env, probe):
     save()
 
 
-def trace_env(a, csv, switch):
-    return {"LD_PRELOAD": a.trace, "CUPTI_TRACE_OUT": str(csv), "CUPTI_TRACE_SWITCH": str(switch)}
-
-
 def trace_model(name, mdir, a):
     """One batch-1 decode request of each engine with its device timeline recorded (cupti_trace.cpp,
     after a warm-up request): what the GPU runs per step, and how long it waits between kernels."""
@@ -697,7 +693,7 @@ def trace_model(name, mdir, a):
     for label in a.trace_engines:
         csv, switch = tdir / f"{name}-{label}.csv", tdir / f"{name}-{label}.on"
         switch.unlink(missing_ok=True)
-        env = trace_env(a, csv, switch)
+        env = {"LD_PRELOAD": a.trace, "CUPTI_TRACE_OUT": str(csv), "CUPTI_TRACE_SWITCH": str(switch)}
         if label == "mlx-lm":
             c = subprocess.run([sys.executable, __file__, "--mlx-lm-trace", mdir, str(a.prompt), str(a.decode), str(switch)],
                                env={**os.environ, **env}, capture_output=True, text=True, timeout=max(60.0, HARD - time.time()))

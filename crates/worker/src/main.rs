@@ -167,7 +167,7 @@ async fn serve(args: Args, config: EngineConfig) -> Result<()> {
         limits: Scheduler::limits(&config),
     };
     let max_line_bytes = config.max_line_bytes;
-    let (engine, engine_done) = engine::spawn(config, shared.clone())?;
+    let (engine, mut engine_done) = engine::spawn(config, shared.clone())?;
 
     if let Some(path) = &args.model {
         let name = match &args.model_name {
@@ -190,7 +190,6 @@ async fn serve(args: Args, config: EngineConfig) -> Result<()> {
     let tracker = TaskTracker::new();
     let mut reader = tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));
 
-    let mut engine_done = engine_done;
     tokio::select! {
         _ = &mut engine_done => tracing::info!("shutdown complete"),
         _ = &mut reader => {

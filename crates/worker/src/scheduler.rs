@@ -226,14 +226,15 @@ impl Scheduler {
             self.admit();
             self.step();
             self.sweep();
+            if self.idle() {
+                // Work MLX still runs (copies into the prefix cache) holds buffers until it
+                // ends: an idle worker reports its memory once that work is done.
+                self.settle();
+            }
             self.publish();
             if self.idle() {
                 self.timing.report();
                 self.timing.loop_start = None;
-                // Work MLX still runs (copies into the prefix cache) holds buffers until it
-                // ends: an idle worker reports its memory once that work is done.
-                self.settle();
-                self.publish();
             }
             if self.deadline.is_some() && self.idle() {
                 break;
