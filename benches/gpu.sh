@@ -17,6 +17,8 @@
 # A device timeline of one batch-1 decode per engine (CUPTI; call 2 carries .gpu/x3 instead of .gpu/x2):
 #   bash benches/gpu.sh run --trace /tmp/cupti/libcupti_trace.so --models qwen3-0.6b-bf16 llama3-8b-bf16
 #
+# A Python script against MLX CUDA (same call 2, after call 1):
+#   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
 # call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
 #
@@ -93,6 +95,15 @@ run)
   PYTHONUNBUFFERED=1 timeout $(( budget + 70 )) python3 benches/gpu/bench.py --out "$out" \
     --binary /tmp/mlx-serving-worker "${serve[@]}" --budget-s "$budget" "$@" 2>&1 | tee "$out/log.txt" || echo "bench.py exited with $?"
   [ -f "$out/table.md" ] && cat "$out/table.md"
+  ;;
+py)
+  # One Python script against MLX CUDA, e.g. the quantized-matmul microbenchmark:
+  #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
+  shift
+  cp $stash/nvidia_cutlass-*.whl .gpu/p2/
+  # shellcheck disable=SC1091
+  set +eu; source .gpu/p2/setup.sh; rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+  PYTHONUNBUFFERED=1 python3 "$@"
   ;;
 local)
   shift

@@ -194,6 +194,15 @@ mod tests {
         let x = Array::from_slice(&data[..64], &[1, 64])?;
         let y = quantized_matmul(&x, &q, &s, Some(&b), true, 64, 8)?;
         assert_eq!(y.shape(), vec![1, 8]);
+        // Rows over a batch dimension ([3, 1, 64]) give the rows of the one [3, 64] product.
+        let rows = Array::from_slice(&data[..3 * 64], &[3, 64])?;
+        let flat = quantized_matmul(&rows, &q, &s, Some(&b), true, 64, 8)?;
+        let batched = quantized_matmul(&rows.reshape(&[3, 1, 64])?, &q, &s, Some(&b), true, 64, 8)?;
+        assert_eq!(batched.shape(), vec![3, 1, 8]);
+        assert_eq!(batched.to_vec::<f32>()?, flat.to_vec::<f32>()?);
+        let nested = quantized_matmul(&rows.reshape(&[3, 1, 1, 64])?, &q, &s, Some(&b), true, 64, 8)?;
+        assert_eq!(nested.shape(), vec![3, 1, 1, 8]);
+        assert_eq!(nested.to_vec::<f32>()?, flat.to_vec::<f32>()?);
 
         let n = rms_norm(&x, None, 1e-5)?;
         let ms = n.multiply(&n)?.mean(-1, false)?.item::<f32>()?;
