@@ -19,6 +19,7 @@
 #
 # A Python script against MLX CUDA (same call 2, after call 1):
 #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
+#   bash benches/gpu.sh py benches/gpu/sdpa.py --out \$OUT/sdpa.json   (padding-masked decode attention)
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
 # call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
 #

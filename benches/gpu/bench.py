@@ -529,10 +529,14 @@ def ours_batch1(w, prompts, prompt_len, decode, prefill_len, runs):
 
 
 def aggregate_round(server, prompts, level, prompt_len, max_tokens):
+    timing = None
     if isinstance(server, Worker):
         reqs = [({"token_ids": prompts.ids_of(prompt_len)}, max_tokens) for _ in range(level)]
+        mark = len(server.timings)
         t0 = time.perf_counter()
         st = [stream_stats(t, evs) for t, evs in server.generate(reqs)]
+        time.sleep(0.2)  # the engine's timing line comes when it goes idle
+        timing = step_timing_mean(server.timings[mark:])
     else:
         texts = [prompts.text_of(prompt_len) for _ in range(level)]
         t0 = time.perf_counter()
@@ -553,7 +557,8 @@ def aggregate_round(server, prompts, level, prompt_len, max_tokens):
             "decode_phase_tps": (toks - len(st)) / (t_end - t_first) if t_end > t_first else None,
             "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
             "prompt_tokens_mean": statistics.mean(s["prompt_tokens"] for s in st if s["prompt_tokens"]),
-            "completions_short": sum(1 for s in st if s["n"] < max_tokens)}
+            "completions_short": sum(1 for s in st if s["n"] < max_tokens),
+            "step_timing_mean_ms": timing}
 
 
 def aggregate(server, prompts, levels, prompt_len, max_tokens, rounds, deadline):
@@ -572,7 +577,9 @@ def aggregate(server, prompts, levels, prompt_len, max_tokens, rounds, deadline)
         best["rounds"] = [round(x["tps"], 1) for x in rr]
         res[str(lv)] = best
         log(f"    {type(server).__name__:12s} {lv:4d} streams {best['tps']:9.1f} tok/s  "
-            f"ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}")
+            f"ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}"
+            + (f"  step ms build/submit/wait/prefill {'/'.join(f'{t[k]:.2f}' for k in ('build_ms', 'submit_ms', 'wait_ms', 'prefill_ms'))}"
+               if (t := best.get("step_timing_mean_ms")) else ""))
     return res
 
 
