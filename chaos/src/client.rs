@@ -22,13 +22,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 async fn send(port: u16, req: hyper::Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
 pub async fn get(port: u16, path: &str) -> Result<u16, String> {
-    let req = hyper::Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let req = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
     Ok(send(port, req).await?.status().as_u16())
 }
 
@@ -71,7 +75,9 @@ async fn stream_inner(port: u16, id: &str, prompt: Value, max_tokens: usize) -> 
             Err(e) => return Outcome::Lost(format!("HTTP {status}, body unreadable: {e}")),
         };
         return match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v) if v.get("error").is_some() => Outcome::TypedError(format!("HTTP {status}: {}", v["error"]["message"])),
+            Ok(v) if v.get("error").is_some() => {
+                Outcome::TypedError(format!("HTTP {status}: {}", v["error"]["message"]))
+            }
             _ => Outcome::Lost(format!("HTTP {status} without an error body")),
         };
     }

@@ -190,7 +190,13 @@ struct Ledger {
 }
 
 /// Clients loop until `stop`: greedy streams whose tokens must equal `expected`.
-async fn load(clients: usize, max_tokens: usize, http: u16, expected: Arc<Vec<Vec<u32>>>, stop: Arc<AtomicBool>) -> Ledger {
+async fn load(
+    clients: usize,
+    max_tokens: usize,
+    http: u16,
+    expected: Arc<Vec<Vec<u32>>>,
+    stop: Arc<AtomicBool>,
+) -> Ledger {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -211,7 +217,12 @@ async fn load(clients: usize, max_tokens: usize, http: u16, expected: Arc<Vec<Ve
                     }
                     Outcome::Ok(tokens) => {
                         l.mismatched += 1;
-                        l.errors.push(format!("{id}: {} tokens, expected {:?}.., got {:?}..", tokens.len(), &expected[p][..4.min(expected[p].len())], &tokens[..4.min(tokens.len())]));
+                        l.errors.push(format!(
+                            "{id}: {} tokens, expected {:?}.., got {:?}..",
+                            tokens.len(),
+                            &expected[p][..4.min(expected[p].len())],
+                            &tokens[..4.min(tokens.len())]
+                        ));
                     }
                     Outcome::TypedError(e) => {
                         l.typed_error += 1;
@@ -254,7 +265,14 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
                 let before = status(s).await?;
                 tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
                 let after = status(s).await?;
-                let restarts = |v: &Value| v["workers"].as_array().into_iter().flatten().map(|w| w["restarts"].as_u64().unwrap_or(0)).sum::<u64>();
+                let restarts = |v: &Value| {
+                    v["workers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|w| w["restarts"].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                };
                 return Ok((restarts(&after).saturating_sub(restarts(&before)), kills));
             }
             _ => return Ok((0, kills)),
@@ -272,7 +290,9 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
             .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
             .collect();
         if scenario == Scenario::Rolling {
-            call(&s.admin, None, "rolling_restart", json!({})).await.map_err(|e| anyhow::anyhow!("rolling restart: {e}"))?;
+            call(&s.admin, None, "rolling_restart", json!({}))
+                .await
+                .map_err(|e| anyhow::anyhow!("rolling restart: {e}"))?;
             faults += 1;
             continue;
         }
@@ -304,7 +324,11 @@ async fn inject(scenario: Scenario, s: &Server, duration: Duration, seed: u64) -
                     detected = c["at_unix_s"].as_f64().map(|at| (at - now) * 1000.0);
                     slot = w["id"].as_u64();
                 }
-                if slot.is_some() && w["id"].as_u64() == slot && w["state"] == "ready" && w["pid"].as_u64() != Some(u64::from(pid)) {
+                if slot.is_some()
+                    && w["id"].as_u64() == slot
+                    && w["state"] == "ready"
+                    && w["pid"].as_u64() != Some(u64::from(pid))
+                {
                     kills.push((detected.unwrap_or(f64::NAN), killed_at.elapsed().as_secs_f64() * 1000.0));
                     slot = None;
                     detected = Some(f64::NAN);
@@ -347,7 +371,10 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> Result<Value> {
-    let mut args = Args { duration: Some(args.duration.unwrap_or(if args.scenario == Scenario::Soak { 120 } else { 20 })), ..args.clone() };
+    let mut args = Args {
+        duration: Some(args.duration.unwrap_or(if args.scenario == Scenario::Soak { 120 } else { 20 })),
+        ..args.clone()
+    };
     let args = &mut args;
     match args.scenario {
         Scenario::Crashloop => return crashloop(args).await,
@@ -395,10 +422,12 @@ async fn run(args: &Args) -> Result<Value> {
     let before = status(&server).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let loader = {
-        let (stop, expected, http, clients, max_tokens) = (stop.clone(), expected.clone(), server.http, args.clients, args.max_tokens);
+        let (stop, expected, http, clients, max_tokens) =
+            (stop.clone(), expected.clone(), server.http, args.clients, args.max_tokens);
         tokio::spawn(async move { load(clients, max_tokens, http, expected, stop).await })
     };
-    let oversized = (args.scenario == Scenario::Oom).then(|| tokio::spawn(oversized_prompts(server.http, stop.clone(), args.seed)));
+    let oversized =
+        (args.scenario == Scenario::Oom).then(|| tokio::spawn(oversized_prompts(server.http, stop.clone(), args.seed)));
     let (mut faults, kills) = inject(args.scenario, &server, Duration::from_secs(args.duration()), args.seed).await?;
     stop.store(true, Relaxed);
     let mut chaos = loader.await?;
@@ -417,7 +446,8 @@ async fn run(args: &Args) -> Result<Value> {
     let detection: Vec<f64> = kills.iter().map(|(d, _)| *d).filter(|d| d.is_finite()).collect();
     let mut ready_ms: Vec<f64> = kills.iter().map(|(_, r)| *r).collect();
     let counter = |k: &str| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
-    let (p99_base, p99_chaos) = (percentile(&mut baseline.latencies_ms, 99.0), percentile(&mut chaos.latencies_ms, 99.0));
+    let (p99_base, p99_chaos) =
+        (percentile(&mut baseline.latencies_ms, 99.0), percentile(&mut chaos.latencies_ms, 99.0));
     let inflation = if p99_base > 0.0 { p99_chaos / p99_base } else { 0.0 };
     let mut failures = Vec::new();
     if chaos.lost > 0 {
@@ -440,7 +470,10 @@ async fn run(args: &Args) -> Result<Value> {
             failures.push("no oversized prompt was sent: the run tested nothing".into());
         }
         if o.completed > 0 {
-            failures.push(format!("{} oversized prompts completed: the memory limit was not reached, the run tested nothing", o.completed));
+            failures.push(format!(
+                "{} oversized prompts completed: the memory limit was not reached, the run tested nothing",
+                o.completed
+            ));
         }
         if o.lost > 0 {
             failures.push(format!("{} oversized prompts were lost (no typed error)", o.lost));
@@ -527,7 +560,8 @@ async fn supervisor_kill(args: &Args) -> Result<Value> {
     let mut server = start(args, None, 5000)?;
     wait_ready(&server, args.workers).await?;
     let st = status(&server).await?;
-    let pids: Vec<i32> = st["workers"].as_array().into_iter().flatten().filter_map(|w| w["pid"].as_i64().map(|p| p as i32)).collect();
+    let pids: Vec<i32> =
+        st["workers"].as_array().into_iter().flatten().filter_map(|w| w["pid"].as_i64().map(|p| p as i32)).collect();
     let http = server.http;
     let busy = tokio::spawn(async move { stream(http, "busy", &prompt(0), 500).await });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -225,7 +225,8 @@ impl RunArgs {
         if let Some(d) = load.duration {
             limit.push(format!("{} s", d.as_secs_f64()));
         }
-        let dups = if load.duplicates > 0.0 { format!(", {}% duplicates", load.duplicates * 100.0) } else { String::new() };
+        let dups =
+            if load.duplicates > 0.0 { format!(", {}% duplicates", load.duplicates * 100.0) } else { String::new() };
         format!("{}, {arrivals}{dups}", limit.join(" or "))
     }
 }
@@ -252,7 +253,14 @@ impl Workload {
             Workload::Run { common, run } => {
                 let load = run.load()?;
                 let describe = run.describe(&load);
-                Plan { name: "run", common, api: common.api, describe, options: json!({"run": run}), job: Job::Load(load) }
+                Plan {
+                    name: "run",
+                    common,
+                    api: common.api,
+                    describe,
+                    options: json!({"run": run}),
+                    job: Job::Load(load),
+                }
             }
             Workload::Chat { common, chat } => Plan {
                 name: "chat",

@@ -161,7 +161,8 @@ async fn try_once(target: &Target, req: hyper::Request<Full<Bytes>>) -> Result<R
         .await
         .map_err(|e| format!("connect to {}:{}: {e}", target.host, target.port))?;
     let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     sender.send_request(req).await.map_err(|e| format!("sending the request: {e}"))
 }
@@ -184,7 +185,11 @@ async fn http_error(response: Response<Incoming>) -> String {
 fn error_message(v: &Value) -> Option<String> {
     match v.get("error")? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => Some(o.get("message").and_then(Value::as_str).map_or_else(|| Value::Object(o.clone()).to_string(), str::to_string)),
+        Value::Object(o) => Some(
+            o.get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| Value::Object(o.clone()).to_string(), str::to_string),
+        ),
         other => Some(other.to_string()),
     }
 }
@@ -235,7 +240,8 @@ async fn read_stream(response: Response<Incoming>, start: Instant, out: &mut Out
             if payload == "[DONE]" {
                 return finish(out, chunks);
             }
-            let v: Value = serde_json::from_str(&payload).map_err(|e| format!("not JSON in the stream ({e}): {}", truncate(&payload, 200)))?;
+            let v: Value = serde_json::from_str(&payload)
+                .map_err(|e| format!("not JSON in the stream ({e}): {}", truncate(&payload, 200)))?;
             if let Some(m) = error_message(&v) {
                 return Err(format!("error event after {chunks} chunks: {m}"));
             }
@@ -346,7 +352,8 @@ mod tests {
 
     #[test]
     fn sse_events_are_split_on_blank_lines_wherever_the_reads_cut() {
-        let stream = "data: {\"a\":1}\n\n: keep-alive\n\ndata: {\"b\":\"é\"}\r\n\r\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
+        let stream =
+            "data: {\"a\":1}\n\n: keep-alive\n\ndata: {\"b\":\"é\"}\r\n\r\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
         let bytes = stream.as_bytes();
         for cut in 1..bytes.len() {
             let mut sse = SseBuffer::default();
@@ -385,7 +392,10 @@ mod tests {
 
     #[test]
     fn error_bodies_of_both_servers_give_their_message() {
-        assert_eq!(error_message(&serde_json::json!({"error": {"message": "bad `top_p`", "type": "x"}})).unwrap(), "bad `top_p`");
+        assert_eq!(
+            error_message(&serde_json::json!({"error": {"message": "bad `top_p`", "type": "x"}})).unwrap(),
+            "bad `top_p`"
+        );
         assert_eq!(error_message(&serde_json::json!({"error": "Invalid JSON"})).unwrap(), "Invalid JSON");
         assert!(error_message(&serde_json::json!({"choices": []})).is_none());
     }

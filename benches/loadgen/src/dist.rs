@@ -162,7 +162,10 @@ mod tests {
         let mut a = SmallRng::seed_from_u64(1);
         let mut b = SmallRng::seed_from_u64(1);
         let n = Dist::Normal { mean: 100.0, sd: 15.0 };
-        assert_eq!((0..50).map(|_| n.sample(&mut a)).collect::<Vec<_>>(), (0..50).map(|_| n.sample(&mut b)).collect::<Vec<_>>());
+        assert_eq!(
+            (0..50).map(|_| n.sample(&mut a)).collect::<Vec<_>>(),
+            (0..50).map(|_| n.sample(&mut b)).collect::<Vec<_>>()
+        );
         assert_eq!(Dist::Fixed(9).sample(&mut rng), 9);
     }
 

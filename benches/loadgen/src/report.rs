@@ -187,7 +187,11 @@ impl Report {
         let mut s = String::new();
         let r = &self.requests;
         let _ = writeln!(s, "{title}");
-        let _ = writeln!(s, "  requests    {} sent, {} ok, {} errors, {} connect retries", r.sent, r.ok, r.errors, r.connect_retries);
+        let _ = writeln!(
+            s,
+            "  requests    {} sent, {} ok, {} errors, {} connect retries",
+            r.sent, r.ok, r.errors, r.connect_retries
+        );
         let _ = writeln!(s, "  duration    {:.2} s", self.duration_s);
         let t = &self.throughput;
         let _ = writeln!(
@@ -234,7 +238,11 @@ impl Report {
             );
         }
         if let Some(turns) = &self.turns {
-            let _ = writeln!(s, "  {:<6}{:>6}{:>8}{:>12}{:>12}{:>10}{:>10}", "turn", "ok", "errors", "ttft p50", "ttft p95", "prompt", "cached");
+            let _ = writeln!(
+                s,
+                "  {:<6}{:>6}{:>8}{:>12}{:>12}{:>10}{:>10}",
+                "turn", "ok", "errors", "ttft p50", "ttft p95", "prompt", "cached"
+            );
             for t in turns {
                 let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
                 let _ = writeln!(
@@ -364,7 +372,11 @@ mod tests {
 
     #[test]
     fn turns_report_their_ttft_and_cached_tokens() {
-        let records = vec![rec(0, Some(0), 0.0, 400, 4, "a"), rec(0, Some(1), 0.5, 800, 4, "b"), rec(1, Some(0), 0.0, 400, 4, "c")];
+        let records = vec![
+            rec(0, Some(0), 0.0, 400, 4, "a"),
+            rec(0, Some(1), 0.5, 800, 4, "b"),
+            rec(1, Some(0), 0.0, 400, 4, "c"),
+        ];
         let r = Report::new("chat", None, Value::Null, &records);
         let t = r.turns.unwrap();
         assert_eq!(t.len(), 2);

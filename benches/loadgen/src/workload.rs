@@ -183,7 +183,13 @@ pub async fn load(common: Arc<Common>, load: Load) -> Result<Vec<Record>> {
 
 type SpecFn = Arc<dyn Fn(&Common, usize) -> Result<Spec> + Send + Sync>;
 
-async fn drive(common: Arc<Common>, load: Load, specs: SpecFn, counters: Arc<Counters>, start: Instant) -> Result<Vec<Record>> {
+async fn drive(
+    common: Arc<Common>,
+    load: Load,
+    specs: SpecFn,
+    counters: Arc<Counters>,
+    start: Instant,
+) -> Result<Vec<Record>> {
     let seed = common.seed;
     let deadline = load.duration.map(|d| start + d);
     let limit = load.requests.unwrap_or(usize::MAX);

@@ -47,7 +47,11 @@ fn serve() -> Server {
     // The server is built with the workspace (`cargo build --workspace --release --bins`) into the
     // same directory as this package's binary.
     let bin = Path::new(BENCH).with_file_name("mlx-serving");
-    assert!(bin.exists(), "{} is missing: build the workspace's binaries first (cargo build --workspace --release --bins)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace's binaries first (cargo build --workspace --release --bins)",
+        bin.display()
+    );
     let dir = std::env::temp_dir().join(format!("mlx-serving-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (port, admin) = (free_port(), free_port());
@@ -109,7 +113,11 @@ fn assert_all_ok(r: &Value, n: u64) {
 fn every_workload_runs_against_the_real_server_and_accounts_for_each_request() {
     let server = serve();
 
-    let r = report(&server, "run", &["run", "--concurrency", "4", "--requests", "8", "--prompt-len", "uniform:8-32", "--max-tokens", "fixed:8"]);
+    let r = report(
+        &server,
+        "run",
+        &["run", "--concurrency", "4", "--requests", "8", "--prompt-len", "uniform:8-32", "--max-tokens", "fixed:8"],
+    );
     assert_eq!(r["workload"], "run");
     assert_all_ok(&r, 8);
     assert_eq!(r["latency_ms"]["ttft"]["count"], 8, "{r:#}");
@@ -119,21 +127,34 @@ fn every_workload_runs_against_the_real_server_and_accounts_for_each_request() {
     let prompt = r["tokens"]["prompt_per_request"]["max"].as_f64().unwrap();
     assert!(prompt <= 40.0, "prompts of at most 32 tokens (plus a few for the chat-free route): {prompt}");
 
-    let r = report(&server, "duplicates", &["duplicates", "--copies", "6", "--prompt-len", "fixed:16", "--max-tokens", "fixed:8"]);
+    let r = report(
+        &server,
+        "duplicates",
+        &["duplicates", "--copies", "6", "--prompt-len", "fixed:16", "--max-tokens", "fixed:8"],
+    );
     assert_all_ok(&r, 6);
     assert_eq!(r["duplicates"]["groups"], 1, "{r:#}");
     assert_eq!(r["duplicates"]["requests"], 6, "{r:#}");
     assert!(r["duplicates"]["all_identical"].is_boolean(), "{r:#}");
 
-    let r = report(&server, "chat", &["chat", "--conversations", "2", "--turns", "2", "--prompt-len", "fixed:8", "--max-tokens", "fixed:4"]);
+    let r = report(
+        &server,
+        "chat",
+        &["chat", "--conversations", "2", "--turns", "2", "--prompt-len", "fixed:8", "--max-tokens", "fixed:4"],
+    );
     assert_all_ok(&r, 4);
     let turns = r["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 2, "{r:#}");
     assert!(turns.iter().all(|t| t["ok"] == 2 && t["cached_tokens_mean"].is_number()), "{r:#}");
-    let (first, second) = (turns[0]["prompt_tokens_mean"].as_f64().unwrap(), turns[1]["prompt_tokens_mean"].as_f64().unwrap());
+    let (first, second) =
+        (turns[0]["prompt_tokens_mean"].as_f64().unwrap(), turns[1]["prompt_tokens_mean"].as_f64().unwrap());
     assert!(second > first, "the second turn carries the first: {first} then {second}");
 
-    let r = report(&server, "poisson", &["run", "--rate", "20", "--requests", "4", "--max-tokens", "fixed:4", "--no-stream"]);
+    let r = report(
+        &server,
+        "poisson",
+        &["run", "--rate", "20", "--requests", "4", "--max-tokens", "fixed:4", "--no-stream"],
+    );
     assert_eq!(r["requests"]["ok"], 4, "{r:#}");
     assert!(r["latency_ms"]["ttft"].is_null(), "no time to first token without streaming: {r:#}");
 }

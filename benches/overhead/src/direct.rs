@@ -40,7 +40,15 @@ struct Request<'a, P> {
 impl Direct {
     /// Starts `command` (with the arguments the supervisor gives its workers), preloading the
     /// tap, behind the relay if `relay`, and loads `model` under the name `name`.
-    pub fn start(command: &[String], tap: &Path, tap_log: &Path, stderr: &Path, name: &str, model: &Path, relay: bool) -> Result<Direct> {
+    pub fn start(
+        command: &[String],
+        tap: &Path,
+        tap_log: &Path,
+        stderr: &Path,
+        name: &str,
+        model: &Path,
+        relay: bool,
+    ) -> Result<Direct> {
         let (program, args) = command.split_first().context("empty worker command")?;
         let mut child = Command::new(program)
             .args(args)
@@ -121,7 +129,12 @@ impl Direct {
         // Serialize first, so the time is taken just before the write.
         self.next_id += 1;
         let id = self.next_id;
-        let mut line = serde_json::to_vec(&Request { jsonrpc: "2.0", id, method: "generate", params: json!({"request": request}) })?;
+        let mut line = serde_json::to_vec(&Request {
+            jsonrpc: "2.0",
+            id,
+            method: "generate",
+            params: json!({"request": request}),
+        })?;
         line.push(b'\n');
         sample.sent = now_ns();
         self.stdin.as_mut().context("closed")?.write_all(&line)?;

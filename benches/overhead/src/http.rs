@@ -141,7 +141,8 @@ fn decode(b: &mut Body, raw: &[u8]) -> Result<()> {
         let rest = &raw[b.raw_pos..];
         let Some(line_end) = find(rest, b"\r\n") else { return Ok(()) };
         let size_text = std::str::from_utf8(&rest[..line_end])?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).context("a chunk size")?;
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).context("a chunk size")?;
         let need = line_end + 2 + size + 2;
         if rest.len() < need {
             return Ok(());

@@ -201,8 +201,10 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
         .into_iter()
         .chain(["--heartbeat-ms", "1000", "--max-line-bytes", "4194304", "--device", "auto"].map(String::from))
         .collect();
-    let mut direct = Direct::start(&command, &tap, &dir.join("direct.tap"), &dir.join("direct.log"), MODEL, &model, false)?;
-    let mut relayed = Direct::start(&command, &tap, &dir.join("relay.tap"), &dir.join("relay.log"), MODEL, &model, true)?;
+    let mut direct =
+        Direct::start(&command, &tap, &dir.join("direct.tap"), &dir.join("direct.log"), MODEL, &model, false)?;
+    let mut relayed =
+        Direct::start(&command, &tap, &dir.join("relay.tap"), &dir.join("relay.log"), MODEL, &model, true)?;
     supervisor.wait_ready()?;
     let mut http = Http::connect(supervisor.addr)?;
     eprintln!("both paths ready; {} warm-up rounds, then {} rounds", args.warmup, args.rounds);
@@ -294,12 +296,17 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split(' ').take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

@@ -169,7 +169,8 @@ pub fn report(runs: &[Run], segments: &Segments) -> Result<Report> {
     }
     let stream_tokens = runs.iter().find(|r| r.kind == Kind::SseStream).map_or(1, |r| r.sample.tokens.len());
     let m = |k| measure(k, runs, segments);
-    let (dr, rr, sr, jr) = (m(Kind::DirectRequest)?, m(Kind::RelayRequest)?, m(Kind::SseRequest)?, m(Kind::JsonRequest)?);
+    let (dr, rr, sr, jr) =
+        (m(Kind::DirectRequest)?, m(Kind::RelayRequest)?, m(Kind::SseRequest)?, m(Kind::JsonRequest)?);
     let (ds, rs, ss) = (m(Kind::DirectStream)?, m(Kind::RelayStream)?, m(Kind::SseStream)?);
     Ok(Report {
         floor_per_request: added(&dr.outside, &rr.outside),
@@ -182,7 +183,8 @@ pub fn report(runs: &[Run], segments: &Segments) -> Result<Report> {
         added_end_to_end_json: added(&dr.end_to_end, &jr.end_to_end),
         added_per_token: added(&ds.token_delivery, &ss.token_delivery),
         added_client_gap: added(&ds.client_gap, &ss.client_gap),
-        supervisor_cpu_per_token: (median(&ss.supervisor_cpu) - median(&sr.supervisor_cpu)) / (stream_tokens.max(2) - 1) as f64,
+        supervisor_cpu_per_token: (median(&ss.supervisor_cpu) - median(&sr.supervisor_cpu))
+            / (stream_tokens.max(2) - 1) as f64,
         direct_request: path_report(&dr),
         relay_request: path_report(&rr),
         sse_request: path_report(&sr),
@@ -194,17 +196,29 @@ pub fn report(runs: &[Run], segments: &Segments) -> Result<Report> {
 }
 
 pub fn print(r: &Report, args: &Args, tap_cost: &Value, machine: &Value) {
-    let row = |name: &str, s: &Summary| println!("  {name:<44} {:>9.1} {:>9.1} {:>9.1} {:>6}", s.p50, s.p90, s.p99, s.n);
+    let row =
+        |name: &str, s: &Summary| println!("  {name:<44} {:>9.1} {:>9.1} {:>9.1} {:>6}", s.p50, s.p90, s.p99, s.n);
     let add = |name: &str, a: &Added, target: Option<f64>| {
-        let verdict = target.map_or(String::new(), |t| format!("  target p50 <= {t:.0}: {}", if a.p50 <= t { "met" } else { "NOT met" }));
+        let verdict = target.map_or(String::new(), |t| {
+            format!("  target p50 <= {t:.0}: {}", if a.p50 <= t { "met" } else { "NOT met" })
+        });
         println!(
             "  {name:<44} {:>+9.1} {:>+9.1} {:>+9.1}   p50 95% CI [{:+.1}, {:+.1}]{verdict}",
             a.p50, a.p90, a.p99, a.p50_ci95[0], a.p50_ci95[1]
         );
     };
     println!();
-    println!("Supervisor overhead: {} rounds (after {} warm-up), streams of {} tokens, model {}", args.rounds, args.warmup, args.tokens, args.model.display());
-    println!("machine: {} CPUs, {}, load average before {} after {}", machine["cpus"], machine["cpu_model"], machine["loadavg_before"], machine["loadavg_after"]);
+    println!(
+        "Supervisor overhead: {} rounds (after {} warm-up), streams of {} tokens, model {}",
+        args.rounds,
+        args.warmup,
+        args.tokens,
+        args.model.display()
+    );
+    println!(
+        "machine: {} CPUs, {}, load average before {} after {}",
+        machine["cpus"], machine["cpu_model"], machine["loadavg_before"], machine["loadavg_after"]
+    );
     println!(
         "tap (LD_PRELOAD in both workers): {:+.0} ns per write, {:+.0} ns per read, none of it inside the measured intervals",
         tap_cost["write_ns_added"].as_f64().unwrap_or(f64::NAN),
@@ -232,7 +246,14 @@ pub fn print(r: &Report, args: &Args, tap_cost: &Value, machine: &Value) {
     add("floor: bare relay - direct", &r.floor_per_request, None);
     add("supervisor, SSE - bare relay", &r.above_floor_per_request, None);
     println!();
-    println!("  {:<44} {:>9} {:>9} {:>9} {:>6}", format!("per token, streams of {} (µs)", args.tokens), "p50", "p90", "p99", "n");
+    println!(
+        "  {:<44} {:>9} {:>9} {:>9} {:>6}",
+        format!("per token, streams of {} (µs)", args.tokens),
+        "p50",
+        "p90",
+        "p99",
+        "n"
+    );
     if let (Some(d), Some(s)) = (&r.direct_stream.token_delivery, &r.sse_stream.token_delivery) {
         row("direct: token written -> line read", d);
         if let Some(relay) = &r.relay_stream.token_delivery {
@@ -262,4 +283,3 @@ pub fn print(r: &Report, args: &Args, tap_cost: &Value, machine: &Value) {
     println!("  {:<44} {:>9.1}", "per streamed token (difference of p50s / (N-1))", r.supervisor_cpu_per_token);
     println!();
 }
-

@@ -41,7 +41,12 @@ pub struct Added {
 
 pub fn added(a: &[f64], b: &[f64]) -> Added {
     let (sa, sb) = (summary(a), summary(b));
-    Added { p50: sb.p50 - sa.p50, p90: sb.p90 - sa.p90, p99: sb.p99 - sa.p99, p50_ci95: bootstrap_median_diff(a, b, 1000) }
+    Added {
+        p50: sb.p50 - sa.p50,
+        p90: sb.p90 - sa.p90,
+        p99: sb.p99 - sa.p99,
+        p50_ci95: bootstrap_median_diff(a, b, 1000),
+    }
 }
 
 /// Percentile interval of the difference of medians over `rounds` resamples of each side.

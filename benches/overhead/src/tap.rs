@@ -129,4 +129,3 @@ pub fn cost(tap: &Path, dir: &Path) -> Result<Value> {
         "read_ns_with": r1, "read_ns_without": r0, "read_ns_added": r1 - r0,
     }))
 }
-

@@ -123,7 +123,8 @@ fn print_status(v: &Value) {
         "id", "state", "pid", "gen", "load", "rss MiB", "mlx MiB", "breaker", "restarts"
     );
     for w in v["workers"].as_array().into_iter().flatten() {
-        let models: Vec<&str> = w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+        let models: Vec<&str> =
+            w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
         println!(
             "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}",
             w["id"].to_string(),
@@ -138,7 +139,12 @@ fn print_status(v: &Value) {
             models.join(","),
         );
         if let Some(c) = w["last_crash"].as_object() {
-            println!("       last crash: {} (pid {}, {} requests in flight)", c["reason"].as_str().unwrap_or("?"), c["pid"], c["in_flight"].as_array().map_or(0, Vec::len));
+            println!(
+                "       last crash: {} (pid {}, {} requests in flight)",
+                c["reason"].as_str().unwrap_or("?"),
+                c["pid"],
+                c["in_flight"].as_array().map_or(0, Vec::len)
+            );
         }
     }
 }

@@ -8,8 +8,8 @@ use clap::Args;
 use mlx_serving_supervisor::admin::{self, AdminContext, Listen, Reloader};
 use mlx_serving_supervisor::api::{self, ApiState};
 use mlx_serving_supervisor::config::ms;
-use mlx_serving_supervisor::{Config, Pool};
 use mlx_serving_supervisor::worker::slot::WorkerState;
+use mlx_serving_supervisor::{Config, Pool};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +93,9 @@ pub struct ServeArgs {
 
 fn load(args: &ServeArgs) -> Result<Config> {
     if args.overrides.config.is_none() {
-        anyhow::bail!("no configuration file: pass --config FILE or set MLX_SERVING_CONFIG (config/mlx-serving.toml documents every key)");
+        anyhow::bail!(
+            "no configuration file: pass --config FILE or set MLX_SERVING_CONFIG (config/mlx-serving.toml documents every key)"
+        );
     }
     args.overrides.load()
 }
@@ -124,11 +126,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
 async fn serve(args: ServeArgs, config: Config, listen: Listen, http: std::net::SocketAddr) -> Result<()> {
     let metrics = mlx_serving_supervisor::metrics::install();
     let pool = Pool::start(config.clone());
-    tokio::spawn(mlx_serving_supervisor::metrics::refresh(pool.clone(), metrics.clone(), std::time::Duration::from_secs(1)));
+    tokio::spawn(mlx_serving_supervisor::metrics::refresh(
+        pool.clone(),
+        metrics.clone(),
+        std::time::Duration::from_secs(1),
+    ));
     let args = Arc::new(args);
     let reload: Reloader = {
         let args = args.clone();
-        Arc::new(move || load(&args).map_err(|e| mlx_serving_supervisor::config::ConfigError::Invalid(format!("{e:#}"))))
+        Arc::new(move || {
+            load(&args).map_err(|e| mlx_serving_supervisor::config::ConfigError::Invalid(format!("{e:#}")))
+        })
     };
     let module = admin::module(AdminContext { pool: pool.clone(), reload: reload.clone() });
     let stop = CancellationToken::new();

@@ -148,7 +148,10 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
         assert!(e["message"].as_str().unwrap().contains("no worker with id 99"));
         let e = admin(&s, "scale", json!({"workers": -1})).await.unwrap_err();
         assert_eq!(code(&e), -32602, "{e}");
-        assert!(e["message"].as_str().unwrap().contains("`scale`") && e["message"].as_str().unwrap().contains("-1"), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("`scale`") && e["message"].as_str().unwrap().contains("-1"),
+            "{e}"
+        );
         let e = admin(&s, "prefetch", json!({"model": "nope"})).await.unwrap_err();
         assert_eq!(code(&e), 2002, "{e}");
         assert!(e["message"].as_str().unwrap().contains("`nope` is not configured"));
@@ -163,7 +166,8 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
         admin(&s, "undrain", json!({"worker": 0})).await.unwrap();
         assert_eq!(admin(&s, "prefetch", json!({"model": "m2", "workers": [1]})).await.unwrap()["workers"], json!([1]));
         let status = admin(&s, "status", json!({})).await.unwrap();
-        let names: Vec<&str> = status["workers"][1]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> =
+            status["workers"][1]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["m", "m2"]);
 
         // Reloading the configuration applies a new worker count; a broken file is refused.

@@ -100,7 +100,10 @@ fn config_check_names_the_key_and_the_file() {
         ("[pool]\nworkers = \"two\"\n", vec!["workers", "config.toml", "invalid type"]),
         ("[pool]\nworkers = 0\n", vec!["`pool.workers` must be at least 1"]),
         (
-            &format!("model_roots = [\"{}\"]\n[[models]]\nname = \"m\"\npath = \"/etc\"\n", fixtures().join("models").display()),
+            &format!(
+                "model_roots = [\"{}\"]\n[[models]]\nname = \"m\"\npath = \"/etc\"\n",
+                fixtures().join("models").display()
+            ),
             vec!["model `m`", "outside the model roots"],
         ),
     ] {
@@ -147,8 +150,9 @@ async fn systemd_hears_ready_after_the_workers_then_watchdog_then_stopping() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    // Messages as they come, each with the ready worker count the admin API showed right then.
-    let seen: Arc<Mutex<Vec<(Instant, String, Option<u64>)>>> = Arc::default();
+    // Messages as they come (when, the message, the ready worker count the admin API showed right then).
+    type Seen = Vec<(Instant, String, Option<u64>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let reader = {
         let seen = seen.clone();
         let admin = admin.clone();
@@ -172,7 +176,8 @@ async fn systemd_hears_ready_after_the_workers_then_watchdog_then_stopping() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let ready_at = loop {
-        if let Some((at, _, workers)) = seen.lock().unwrap().iter().find(|(_, m, _)| m.lines().any(|l| l == "READY=1")) {
+        if let Some((at, _, workers)) = seen.lock().unwrap().iter().find(|(_, m, _)| m.lines().any(|l| l == "READY=1"))
+        {
             assert!(workers.is_some_and(|n| n >= 2), "READY=1 with {workers:?} ready workers; want 2");
             break *at;
         }

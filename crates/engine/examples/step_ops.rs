@@ -54,7 +54,8 @@ fn main() -> Result<()> {
     let total: usize = ops.iter().map(|(_, n)| n).sum();
     // Operations that only describe a view of their input's buffer (no kernel when the input
     // allows it; a reshape of a strided input copies).
-    const VIEWS: [&str; 9] = ["Slice", "Reshape", "Transpose", "Squeeze", "ExpandDims", "Broadcast", "AsStrided", "Flatten", "Unflatten"];
+    const VIEWS: [&str; 9] =
+        ["Slice", "Reshape", "Transpose", "Squeeze", "ExpandDims", "Broadcast", "AsStrided", "Flatten", "Unflatten"];
     let views: usize = ops.iter().filter(|(name, _)| VIEWS.contains(&name.as_str())).map(|(_, n)| n).sum();
     println!(
         "rows {rows}, stacked projections {stack_projections}: {total} operations per decode step, {} besides views",

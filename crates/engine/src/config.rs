@@ -132,9 +132,7 @@ impl ModelConfig {
 
     /// `rope_theta`, also looked for under `rope_parameters`.
     pub fn rope_theta(&self) -> Option<f32> {
-        self.rope_theta.or_else(|| {
-            self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64().map(|v| v as f32)
-        })
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64().map(|v| v as f32))
     }
 
     /// The end-of-sequence ids declared in config.json (an int or a list).

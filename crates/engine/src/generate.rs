@@ -201,7 +201,8 @@ impl Model {
             let id = current.sampled.token.item::<u32>()?;
             first_token_at.get_or_insert_with(Instant::now);
             seq.accept(current.sampled.index, id);
-            if !params.ignore_eos && self.tokenizer.eos_token_ids().contains(&id) || params.stop_token_ids.contains(&id) {
+            if !params.ignore_eos && self.tokenizer.eos_token_ids().contains(&id) || params.stop_token_ids.contains(&id)
+            {
                 break FinishReason::Stop;
             }
             tokens.push(id);

@@ -59,11 +59,8 @@ impl LayerCache {
             let new_v = Array::zeros(&[b, heads, n_steps * STEP, v_dim], values.dtype())?;
             match (self.keys.take(), self.values.take()) {
                 (Some(k), Some(v)) => {
-                    let (k, v) = if prev % STEP != 0 {
-                        (k.slice_axis(2, 0, prev)?, v.slice_axis(2, 0, prev)?)
-                    } else {
-                        (k, v)
-                    };
+                    let (k, v) =
+                        if prev % STEP != 0 { (k.slice_axis(2, 0, prev)?, v.slice_axis(2, 0, prev)?) } else { (k, v) };
                     self.keys = Some(mlx::concatenate(&[&k, &new_k], 2)?);
                     self.values = Some(mlx::concatenate(&[&v, &new_v], 2)?);
                 }

@@ -18,15 +18,15 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use batch::{Batch, BatchStep};
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, TextStream, TokenEvent};
 pub use mlx_serving_tokenizer::{ChatMessage, Tokenizer};
 pub use models::{LoadOptions, Transformer};
+pub use prefix_cache::{PrefixCache, PrefixCacheCounts};
 pub use sample::{Sampler, SamplingParams};
 pub use sequence::Sequence;
-pub use batch::{Batch, BatchStep};
-pub use prefix_cache::{PrefixCache, PrefixCacheCounts};
 
 /// Context length assumed when config.json gives none.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;

@@ -111,7 +111,14 @@ struct LinearTensors {
 }
 
 impl LinearTensors {
-    fn take(w: &mut Weights, prefix: &str, in_f: i32, out_f: i32, q: Option<Quantization>, bias: bool) -> Result<LinearTensors> {
+    fn take(
+        w: &mut Weights,
+        prefix: &str,
+        in_f: i32,
+        out_f: i32,
+        q: Option<Quantization>,
+        bias: bool,
+    ) -> Result<LinearTensors> {
         let bias = if bias { Some(w.take_shaped(&format!("{prefix}.bias"), &[out_f])?) } else { None };
         Ok(match q {
             Some(q) => {
@@ -126,7 +133,11 @@ impl LinearTensors {
                     bias,
                 }
             }
-            None => LinearTensors { weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?, scales_biases: None, bias },
+            None => LinearTensors {
+                weight: w.take_shaped(&format!("{prefix}.weight"), &[out_f, in_f])?,
+                scales_biases: None,
+                bias,
+            },
         })
     }
 }
@@ -142,7 +153,13 @@ pub struct Stacked {
 impl Stacked {
     /// Loads `parts` (`(prefix, out_features)`, each `[out, in_f]`) as one projection, or `None`
     /// when they are not all quantized alike (mlx-lm allows a quantization per module).
-    pub fn load(w: &mut Weights, cfg: &ModelConfig, parts: &[(&str, i32)], in_f: i32, bias: bool) -> Result<Option<Stacked>> {
+    pub fn load(
+        w: &mut Weights,
+        cfg: &ModelConfig,
+        parts: &[(&str, i32)],
+        in_f: i32,
+        bias: bool,
+    ) -> Result<Option<Stacked>> {
         let qs: Vec<Option<Quantization>> = parts.iter().map(|(p, _)| quantization(w, cfg, p)).collect();
         if parts.len() < 2 || qs.windows(2).any(|pair| pair[0] != pair[1]) {
             return Ok(None);
@@ -166,7 +183,8 @@ impl Stacked {
         };
         let bias = if bias { Some(stack(&|t| t.bias.as_ref().expect("bias taken"))?) } else { None };
         // The stacked copies replace the checkpoint's arrays.
-        let stacked: Vec<&Array> = std::iter::once(&weight).chain(scales_biases.iter().flat_map(|(s, b)| [s, b])).chain(bias.iter()).collect();
+        let stacked: Vec<&Array> =
+            std::iter::once(&weight).chain(scales_biases.iter().flat_map(|(s, b)| [s, b])).chain(bias.iter()).collect();
         mlx::eval(&stacked)?;
         drop(taken);
         let linear = Linear::build(LinearTensors { weight, scales_biases, bias }, q)?;
@@ -231,13 +249,28 @@ fn check_group(prefix: &str, in_f: i32, q: Quantization) -> Result<()> {
 /// Token embeddings, dense or quantized, usable as the output projection when tied.
 pub enum Embedding {
     /// `packed`: the weight packed for the output projection on the CPU, when tied.
-    Dense { weight: Array, packed: Option<PackedWeight> },
-    Quantized { weight: Array, scales: Array, biases: Array, q: Quantization },
+    Dense {
+        weight: Array,
+        packed: Option<PackedWeight>,
+    },
+    Quantized {
+        weight: Array,
+        scales: Array,
+        biases: Array,
+        q: Quantization,
+    },
 }
 
 impl Embedding {
     /// `tied`: the embeddings are also the output projection.
-    pub fn load(w: &mut Weights, cfg: &ModelConfig, prefix: &str, vocab: i32, dim: i32, tied: bool) -> Result<Embedding> {
+    pub fn load(
+        w: &mut Weights,
+        cfg: &ModelConfig,
+        prefix: &str,
+        vocab: i32,
+        dim: i32,
+        tied: bool,
+    ) -> Result<Embedding> {
         match quantization(w, cfg, prefix) {
             Some(q) => {
                 check_group(prefix, dim, q)?;
@@ -283,7 +316,9 @@ impl Embedding {
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         match self {
-            Embedding::Dense { weight, packed } => std::iter::once(weight).chain(packed.as_ref().map(|p| &p.packed)).collect(),
+            Embedding::Dense { weight, packed } => {
+                std::iter::once(weight).chain(packed.as_ref().map(|p| &p.packed)).collect()
+            }
             Embedding::Quantized { weight, scales, biases, .. } => vec![weight, scales, biases],
         }
     }
@@ -320,9 +355,10 @@ impl Rope {
         let Some(s) = scaling else { return Ok(rope) };
         let kind = s.get("type").or_else(|| s.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
         let num = |key: &str, default: Option<f64>| -> Result<f64> {
-            s.get(key).and_then(|v| v.as_f64()).or(default).ok_or_else(|| {
-                EngineError::invalid(format!("rope_scaling of type {kind:?} needs a numeric {key:?}"))
-            })
+            s.get(key)
+                .and_then(|v| v.as_f64())
+                .or(default)
+                .ok_or_else(|| EngineError::invalid(format!("rope_scaling of type {kind:?} needs a numeric {key:?}")))
         };
         match kind {
             "default" => {}
@@ -361,7 +397,8 @@ fn llama3_freqs(dims: i32, base: f32, factor: f32, low: f32, high: f32, old_ctx:
     let s = |v: f32| Array::scalar(f64::from(v), Dtype::Float32);
     let low_wavelen = old_ctx / low;
     let high_wavelen = old_ctx / high;
-    let exponents = Array::arange(0.0, f64::from(dims), 2.0, Dtype::Int32)?.divide(&Array::scalar(f64::from(dims), Dtype::Int32)?)?;
+    let exponents = Array::arange(0.0, f64::from(dims), 2.0, Dtype::Int32)?
+        .divide(&Array::scalar(f64::from(dims), Dtype::Int32)?)?;
     let freqs = s(base)?.power(&exponents)?;
     let wavelens = s(2.0 * std::f32::consts::PI)?.multiply(&freqs)?;
     let freqs = mlx::where_cond(&wavelens.greater(&s(low_wavelen)?)?, &freqs.multiply(&s(factor)?)?, &freqs)?;

@@ -94,7 +94,9 @@ impl PrefixCache {
         }
         self.clock += 1;
         let clock = self.clock;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens.len() >= tokens.len() && e.tokens.starts_with(&tokens)) {
+        if let Some(e) =
+            self.entries.iter_mut().find(|e| e.tokens.len() >= tokens.len() && e.tokens.starts_with(&tokens))
+        {
             e.used = clock;
             return;
         }

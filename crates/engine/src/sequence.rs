@@ -8,7 +8,6 @@ use crate::kv_cache::KvCache;
 use crate::models::Segment;
 use crate::sample::{Sampled, Sampler};
 
-
 pub struct Sequence {
     prompt: Vec<u32>,
     /// Prompt and accepted output tokens, for the repetition penalty.
@@ -30,7 +29,9 @@ impl Sequence {
         }
         let vocab = model.transformer.config.vocab_size as u32;
         if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(EngineError::invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(EngineError::invalid(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
         Ok(Sequence {
             history: prompt.clone(),
@@ -195,8 +196,12 @@ impl Model {
                 .collect();
             self.transformer.forward(&ids, &mut segments, false)?;
         }
-        let arrays: Vec<&Array> =
-            seqs.iter().zip(&counts).filter(|(_, n)| **n > 0).flat_map(|(s, _)| s.cache.layers.iter().flat_map(|l| l.state())).collect();
+        let arrays: Vec<&Array> = seqs
+            .iter()
+            .zip(&counts)
+            .filter(|(_, n)| **n > 0)
+            .flat_map(|(s, _)| s.cache.layers.iter().flat_map(|l| l.state()))
+            .collect();
         mlx::eval(&arrays)?;
         for (s, &n) in seqs.iter_mut().zip(&counts) {
             s.prefilled += n;
@@ -227,7 +232,8 @@ impl Model {
         };
         let mut out = Vec::with_capacity(seqs.len());
         for (i, seq) in seqs.iter_mut().enumerate() {
-            let row = if seqs_len_is_one(&logits) { logits.clone() } else { logits.slice_axis(0, i as i32, i as i32 + 1)? };
+            let row =
+                if seqs_len_is_one(&logits) { logits.clone() } else { logits.slice_axis(0, i as i32, i as i32 + 1)? };
             let mut sampled = seq.sampler.sample(&row, &seq.history)?;
             sampled.index = seq.sampled;
             seq.sampled += 1;

@@ -102,6 +102,7 @@ fn bad_requests() {
     assert!(err.contains("vocabulary"), "{err}");
 
     // The model still works after all of that.
-    let ok = model.generate(&[1, 2, 3], &GenerateParams { max_tokens: 3, ignore_eos: true, ..Default::default() }, |_| true);
+    let ok =
+        model.generate(&[1, 2, 3], &GenerateParams { max_tokens: 3, ignore_eos: true, ..Default::default() }, |_| true);
     assert_eq!(ok.unwrap().tokens.len(), 3);
 }

@@ -43,7 +43,8 @@ fn every_fixture_matches_mlx_lm() {
             assert!(err <= tolerance(&golden.model), "{what}: first-step relative error {err:e}");
 
             // 64 greedy tokens.
-            let params = GenerateParams { max_tokens: case.greedy_tokens.len(), ignore_eos: true, ..Default::default() };
+            let params =
+                GenerateParams { max_tokens: case.greedy_tokens.len(), ignore_eos: true, ..Default::default() };
             let done = model.generate(&ids, &params, |_| true).unwrap();
             assert_eq!(done.tokens, case.greedy_tokens, "{what}: greedy tokens");
         }
@@ -125,14 +126,17 @@ fn streamed_text_equals_the_decoded_tokens() {
         ..Default::default()
     };
     let mut streamed = String::new();
-    let done = model.generate(&prompt, &params, |t| {
-        streamed.push_str(t.text);
-        true
-    }).unwrap();
+    let done = model
+        .generate(&prompt, &params, |t| {
+            streamed.push_str(t.text);
+            true
+        })
+        .unwrap();
     streamed.push_str(&done.tail);
     assert_eq!(streamed, done.text);
     // Ids past the tokenizer's vocabulary (the embedding table is padded) carry no text.
-    let known: Vec<u32> = done.tokens.iter().copied().filter(|&t| (t as usize) < model.tokenizer.vocab_size()).collect();
+    let known: Vec<u32> =
+        done.tokens.iter().copied().filter(|&t| (t as usize) < model.tokenizer.vocab_size()).collect();
     assert_eq!(done.text, model.tokenizer.decode(&known, true).unwrap());
 }
 

@@ -84,7 +84,8 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let fault = parse(&args.fault)?;
     let (program, rest) = args.command.split_first().context("no worker command")?;
-    let mut child = Command::new(program).args(rest).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+    let mut child =
+        Command::new(program).args(rest).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
     let pid = Pid::from_raw(child.id().unwrap_or(0) as i32);
     let mut child_in = child.stdin.take().context("stdin")?;
     let child_out = child.stdout.take().context("stdout")?;

@@ -154,10 +154,7 @@ impl Array {
     pub fn from_slice<T: Element>(data: &[T], shape: &[i32]) -> Result<Array> {
         let n: i64 = shape.iter().map(|&d| i64::from(d)).product();
         if shape.iter().any(|&d| d < 0) || n != data.len() as i64 {
-            return Err(Error::Invalid(format!(
-                "shape {shape:?} does not hold {} elements",
-                data.len()
-            )));
+            return Err(Error::Invalid(format!("shape {shape:?} does not hold {} elements", data.len())));
         }
         // SAFETY: `data` holds exactly `n` elements of T's dtype; the shim copies them.
         wrap(unsafe {
@@ -220,11 +217,7 @@ impl Array {
     /// Evaluates the array and copies its elements out, row-major. The array's dtype must be T's.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if self.dtype() != T::DTYPE {
-            return Err(Error::Invalid(format!(
-                "cannot read a {} array as {}",
-                self.dtype(),
-                T::DTYPE
-            )));
+            return Err(Error::Invalid(format!("cannot read a {} array as {}", self.dtype(), T::DTYPE)));
         }
         let mut out = vec![T::default(); self.size()];
         let nbytes = std::mem::size_of_val(out.as_slice());
@@ -454,7 +447,11 @@ mod tests {
         // Two calls of one compiled function are two operations.
         let d = crate::fast::swiglu(&crate::fast::swiglu(&c, &a)?, &a)?;
         let ops = graph_ops(&[&d])?;
-        assert_eq!(ops.iter().filter(|(name, _)| name.starts_with("Compiled")).map(|(_, n)| n).sum::<usize>(), 2, "{ops:?}");
+        assert_eq!(
+            ops.iter().filter(|(name, _)| name.starts_with("Compiled")).map(|(_, n)| n).sum::<usize>(),
+            2,
+            "{ops:?}"
+        );
         Ok(())
     }
 

@@ -164,5 +164,6 @@ unsafe extern "C" {
     pub fn mlxs_safetensors_array(st: *const mlxs_safetensors, i: usize) -> Arr;
     pub fn mlxs_safetensors_metadata(st: *const mlxs_safetensors, key: *const c_char) -> *const c_char;
     pub fn mlxs_safetensors_free(st: *mut mlxs_safetensors);
-    pub fn mlxs_save_safetensors(path: *const c_char, names: *const *const c_char, arrays: *const Arr, n: usize) -> i32;
+    pub fn mlxs_save_safetensors(path: *const c_char, names: *const *const c_char, arrays: *const Arr, n: usize)
+    -> i32;
 }

@@ -9,8 +9,8 @@
 mod array;
 mod dtype;
 mod error;
-mod ffi;
 pub mod fast;
+mod ffi;
 pub mod io;
 pub mod memory;
 pub mod random;
@@ -50,7 +50,9 @@ pub fn gpu_available() -> bool {
 /// Makes `device` the default for MLX work on the calling thread's streams.
 pub fn set_default_device(device: Device) -> Result<()> {
     if device == Device::Gpu && !gpu_available() {
-        return Err(Error::Invalid("MLX has no GPU on this machine (this MLX build is CPU-only, or no device was found)".into()));
+        return Err(Error::Invalid(
+            "MLX has no GPU on this machine (this MLX build is CPU-only, or no device was found)".into(),
+        ));
     }
     let code = match device {
         Device::Cpu => ffi::CPU,

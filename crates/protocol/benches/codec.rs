@@ -23,7 +23,8 @@ use jsonrpsee::types::{Id, Request, Response, SubscriptionPayload, SubscriptionR
 use mlx_serving_protocol::framing::{DEFAULT_MAX_LINE_BYTES, LineReader, PipeReceiver, PipeSender, write_line};
 use mlx_serving_protocol::link::WorkerLink;
 use mlx_serving_protocol::{
-    FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Message, Prompt, Sampling, TokenEvent, Usage, WorkerRpcClient,
+    FinalEvent, FinishReason, GenerateEvent, GenerateRequest, Message, Prompt, Sampling, TokenEvent, Usage,
+    WorkerRpcClient,
 };
 use serde_json::value::{RawValue, to_raw_value};
 use tokio::io::{AsyncWriteExt, DuplexStream};
@@ -34,7 +35,12 @@ const SUBSCRIPTION: u64 = 8417026851031807;
 const LINES: usize = 1024;
 
 fn token() -> GenerateEvent {
-    GenerateEvent::Token(TokenEvent { token_ids: vec![646], text: " Hi".to_string(), logprobs: None, top_logprobs: None })
+    GenerateEvent::Token(TokenEvent {
+        token_ids: vec![646],
+        text: " Hi".to_string(),
+        logprobs: None,
+        top_logprobs: None,
+    })
 }
 
 fn final_event() -> GenerateEvent {
@@ -53,7 +59,10 @@ fn request() -> GenerateRequest {
     let mut r = GenerateRequest::new(
         "req-4f1c2a9b0d3e5f67",
         "tiny",
-        Prompt::Messages(vec![Message { role: "user".to_string(), content: "Tell me about the license and what it allows.".to_string() }]),
+        Prompt::Messages(vec![Message {
+            role: "user".to_string(),
+            content: "Tell me about the license and what it allows.".to_string(),
+        }]),
         64,
     );
     r.sampling = Sampling { temperature: 0.7, top_p: 0.9, seed: Some(1), ..Sampling::default() };
@@ -268,10 +277,14 @@ fn client(c: &mut Criterion) {
     let mut g = c.benchmark_group("client");
     g.throughput(Throughput::Elements(1));
     g.bench_function("link", |b| {
-        b.iter_custom(|iters| run_stream(&rt, &link_go, iters, || async { link.generate(&req).await.expect("subscribed") }))
+        b.iter_custom(|iters| {
+            run_stream(&rt, &link_go, iters, || async { link.generate(&req).await.expect("subscribed") })
+        })
     });
     g.bench_function("jsonrpsee", |b| {
-        b.iter_custom(|iters| run_stream(&rt, &client_go, iters, || async { client.generate(req.clone()).await.expect("subscribed") }))
+        b.iter_custom(|iters| {
+            run_stream(&rt, &client_go, iters, || async { client.generate(req.clone()).await.expect("subscribed") })
+        })
     });
     g.finish();
 }

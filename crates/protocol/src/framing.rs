@@ -43,7 +43,13 @@ pub struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max: usize) -> LineReader<R> {
-        LineReader { inner, buf: BytesMut::with_capacity(8 * 1024), codec: LinesCodec::new_with_max_length(max), max, eof: false }
+        LineReader {
+            inner,
+            buf: BytesMut::with_capacity(8 * 1024),
+            codec: LinesCodec::new_with_max_length(max),
+            max,
+            eof: false,
+        }
     }
 
     pub async fn next_line(&mut self) -> Result<Option<String>, LineError> {

@@ -29,9 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::HEARTBEAT_METHOD;
 use crate::framing::{LineReader, write_whole_line};
 use crate::types::{GenerateEvent, GenerateRequest, Handshake, Heartbeat, ModelInfo, ShutdownAck, Stats, Unloaded};
-use crate::HEARTBEAT_METHOD;
 
 /// Method name of the `generate` subscription's notifications.
 pub const GENERATE_EVENT_METHOD: &str = "generate_event";
@@ -201,10 +201,16 @@ impl WorkerLink {
         Ok(EventStream { rx, subscription, link: self.clone(), finished: false })
     }
 
-    async fn call<P: Serialize, T: DeserializeOwned + Send + 'static>(&self, method: &str, params: &P) -> Result<T, LinkError> {
+    async fn call<P: Serialize, T: DeserializeOwned + Send + 'static>(
+        &self,
+        method: &str,
+        params: &P,
+    ) -> Result<T, LinkError> {
         let (answer, answered) = oneshot::channel();
         let id = self.register(Waiter::Call(Box::new(move |result| {
-            let _ = answer.send(result.and_then(|raw| serde_json::from_str(raw.get()).map_err(|e| LinkError::Parse(e.to_string()))));
+            let _ = answer.send(
+                result.and_then(|raw| serde_json::from_str(raw.get()).map_err(|e| LinkError::Parse(e.to_string()))),
+            );
         })))?;
         self.exchange(id, method, params, answered).await
     }
@@ -325,7 +331,10 @@ impl EventStream {
 
 impl fmt::Debug for EventStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EventStream").field("subscription", &self.subscription).field("finished", &self.finished).finish()
+        f.debug_struct("EventStream")
+            .field("subscription", &self.subscription)
+            .field("finished", &self.finished)
+            .finish()
     }
 }
 
@@ -347,7 +356,8 @@ fn unsubscribe(inner: &Arc<Inner>, subscription: &SubKey) {
         return;
     }
     let link = WorkerLink { inner: inner.clone() };
-    let line = request_line(inner.next_id.fetch_add(1, Ordering::Relaxed), GENERATE_UNSUBSCRIBE_METHOD, &[subscription]);
+    let line =
+        request_line(inner.next_id.fetch_add(1, Ordering::Relaxed), GENERATE_UNSUBSCRIBE_METHOD, &[subscription]);
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
             let _ = tokio::time::timeout(link.inner.request_timeout, link.write(&line)).await;
@@ -424,9 +434,15 @@ fn dispatch(inner: &Arc<Inner>, line: &str) -> Result<(), String> {
 
 /// One line from the worker, as the link uses it.
 enum Message<'a> {
-    Event { subscription: SubKey, event: Result<GenerateEvent, LinkError> },
+    Event {
+        subscription: SubKey,
+        event: Result<GenerateEvent, LinkError>,
+    },
     Heartbeat(Heartbeat),
-    Answer { id: u64, result: Result<&'a RawValue, LinkError> },
+    Answer {
+        id: u64,
+        result: Result<&'a RawValue, LinkError>,
+    },
     /// A notification the link does not know: skipped.
     Other,
 }
@@ -547,7 +563,8 @@ fn slow_path(line: &str) -> Result<Message<'_>, String> {
         return Ok(match method.as_ref() {
             GENERATE_EVENT_METHOD => {
                 let params = e.params.ok_or("a generate_event without params")?;
-                let p: RawEventParams = serde_json::from_str(params.get()).map_err(|e| format!("generate_event params: {e}"))?;
+                let p: RawEventParams =
+                    serde_json::from_str(params.get()).map_err(|e| format!("generate_event params: {e}"))?;
                 let event = serde_json::from_str(p.result.get()).map_err(|e| LinkError::Parse(format!("event: {e}")));
                 Message::Event { subscription: p.subscription, event }
             }
@@ -642,7 +659,12 @@ mod tests {
     }
 
     fn token(id: u32) -> GenerateEvent {
-        GenerateEvent::Token(TokenEvent { token_ids: vec![id], text: format!("t{id}"), logprobs: None, top_logprobs: None })
+        GenerateEvent::Token(TokenEvent {
+            token_ids: vec![id],
+            text: format!("t{id}"),
+            logprobs: None,
+            top_logprobs: None,
+        })
     }
 
     fn last() -> GenerateEvent {
@@ -702,7 +724,9 @@ mod tests {
         for i in 0..3 {
             assert_eq!(stream.next().await.unwrap().unwrap(), token(i));
         }
-        assert!(matches!(stream.next().await, Some(Ok(GenerateEvent::Final(f))) if f.finish_reason == FinishReason::Length));
+        assert!(
+            matches!(stream.next().await, Some(Ok(GenerateEvent::Final(f))) if f.finish_reason == FinishReason::Length)
+        );
         assert!(stream.next().await.is_none());
         drop(stream);
         let mut peer = worker.await.unwrap();

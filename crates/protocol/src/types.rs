@@ -420,7 +420,12 @@ mod tests {
 
     #[test]
     fn events_read_with_the_type_anywhere_and_bad_ones_say_why() {
-        let token = GenerateEvent::Token(TokenEvent { token_ids: vec![5, 6], text: " Hi".into(), logprobs: Some(vec![-0.5, -1.0]), top_logprobs: None });
+        let token = GenerateEvent::Token(TokenEvent {
+            token_ids: vec![5, 6],
+            text: " Hi".into(),
+            logprobs: Some(vec![-0.5, -1.0]),
+            top_logprobs: None,
+        });
         let line = serde_json::to_string(&token).unwrap();
         assert!(line.starts_with(r#"{"type":"token""#), "{line}");
         assert_eq!(serde_json::from_str::<GenerateEvent>(&line).unwrap(), token);
@@ -429,12 +434,18 @@ mod tests {
         assert_eq!(serde_json::from_value::<GenerateEvent>(moved.clone()).unwrap(), token);
         assert_eq!(serde_json::from_str::<GenerateEvent>(&moved.to_string()).unwrap(), token);
         let last = json!({"type": "final", "finish_reason": "stop", "text": "!", "usage": {"prompt_tokens": 2, "completion_tokens": 1}, "total_ms": 3.5});
-        assert!(matches!(serde_json::from_value::<GenerateEvent>(last).unwrap(), GenerateEvent::Final(f) if f.text == "!" && f.usage.cached_tokens == 0));
-        let unknown = serde_json::from_str::<GenerateEvent>(r#"{"type": "tokens", "token_ids": [], "text": ""}"#).unwrap_err().to_string();
+        assert!(
+            matches!(serde_json::from_value::<GenerateEvent>(last).unwrap(), GenerateEvent::Final(f) if f.text == "!" && f.usage.cached_tokens == 0)
+        );
+        let unknown = serde_json::from_str::<GenerateEvent>(r#"{"type": "tokens", "token_ids": [], "text": ""}"#)
+            .unwrap_err()
+            .to_string();
         assert!(unknown.contains("tokens") && unknown.contains("token"), "{unknown}");
-        let untyped = serde_json::from_str::<GenerateEvent>(r#"{"token_ids": [], "text": ""}"#).unwrap_err().to_string();
+        let untyped =
+            serde_json::from_str::<GenerateEvent>(r#"{"token_ids": [], "text": ""}"#).unwrap_err().to_string();
         assert!(untyped.contains("type"), "{untyped}");
-        let incomplete = serde_json::from_str::<GenerateEvent>(r#"{"type": "token", "text": ""}"#).unwrap_err().to_string();
+        let incomplete =
+            serde_json::from_str::<GenerateEvent>(r#"{"type": "token", "text": ""}"#).unwrap_err().to_string();
         assert!(incomplete.contains("token_ids"), "{incomplete}");
     }
 }

@@ -13,7 +13,13 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn spread(n: usize, rng: &mut SmallRng) -> Vec<Candidate> {
-    (0..n as u64).map(|id| Candidate { id, load: rng.random_range(0..8), prefix: if rng.random_range(0..4) == 0 { rng.random_range(1..4) } else { 0 } }).collect()
+    (0..n as u64)
+        .map(|id| Candidate {
+            id,
+            load: rng.random_range(0..8),
+            prefix: if rng.random_range(0..4) == 0 { rng.random_range(1..4) } else { 0 },
+        })
+        .collect()
 }
 
 fn tied(n: usize) -> Vec<Candidate> {
@@ -30,7 +36,9 @@ fn route(c: &mut Criterion) {
             b.iter(|| pick(black_box(cases), 2, &mut rng))
         });
         let cases = tied(n);
-        g.bench_with_input(BenchmarkId::new("tied", n), &cases, |b, cases| b.iter(|| pick(black_box(cases), 2, &mut rng)));
+        g.bench_with_input(BenchmarkId::new("tied", n), &cases, |b, cases| {
+            b.iter(|| pick(black_box(cases), 2, &mut rng))
+        });
     }
     g.finish();
 }

@@ -15,11 +15,11 @@ use axum::response::IntoResponse;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http_body_util::BodyExt;
 use mlx_serving_protocol::{FinalEvent, FinishReason, GenerateEvent, TokenEvent, Usage};
+use mlx_serving_supervisor::StreamItem;
 use mlx_serving_supervisor::api::openai::{self, Route, TokenLimits};
 use mlx_serving_supervisor::api::shared::Feed;
 use mlx_serving_supervisor::api::stream;
 use mlx_serving_supervisor::pool::PoolEvent;
-use mlx_serving_supervisor::StreamItem;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
@@ -89,7 +89,8 @@ async fn data_frame(body: &mut Body) -> axum::body::Bytes {
 /// Times `tokens` tokens (rounded up to whole batches) through one stream.
 async fn run_stream(case: &Case, tokens: u64) -> Duration {
     let limits = TokenLimits { default_max_tokens: 512, max_tokens: 0 };
-    let req = openai::parse(case.route, case.body.as_bytes(), &limits, "req-4f1c2a9b0d3e5f67").expect("a valid request");
+    let req =
+        openai::parse(case.route, case.body.as_bytes(), &limits, "req-4f1c2a9b0d3e5f67").expect("a valid request");
     let meta = stream::Meta::new(&req, "req-4f1c2a9b0d3e5f67", Instant::now());
     let (tx, rx) = mpsc::channel(64);
     let mut body = stream::sse(meta, &req, Feed::Direct(rx), None, 15).into_response().into_body();
@@ -124,7 +125,9 @@ fn sse(c: &mut Criterion) {
         let limits = TokenLimits { default_max_tokens: 512, max_tokens: 0 };
         let req = openai::parse(case.route, case.body.as_bytes(), &limits, "req-1").expect("a valid request");
         let (tx, rx) = mpsc::channel(64);
-        let mut body = stream::sse(stream::Meta::new(&req, "req-1", Instant::now()), &req, Feed::Direct(rx), None, 15).into_response().into_body();
+        let mut body = stream::sse(stream::Meta::new(&req, "req-1", Instant::now()), &req, Feed::Direct(rx), None, 15)
+            .into_response()
+            .into_body();
         data_frame(&mut body).await;
         tx.send(token()).await.expect("the stream is open");
         let frame = data_frame(&mut body).await;

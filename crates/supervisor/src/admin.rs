@@ -17,10 +17,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::Config;
 use crate::config::ConfigError;
 use crate::error::PoolError;
 use crate::pool::Pool;
-use crate::Config;
 
 /// Largest admin request body.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -124,10 +124,27 @@ pub fn module(ctx: AdminContext) -> RpcModule<AdminContext> {
         };
     }
     method!("status", |_p: NoParams, ctx| Ok(json!(ctx.pool.status())));
-    method!("drain", |p: WorkerParams, ctx| ctx.pool.drain(p.worker).map(|()| json!({"worker": p.worker, "draining": true})).map_err(pool_error));
-    method!("undrain", |p: WorkerParams, ctx| ctx.pool.undrain(p.worker).map(|()| json!({"worker": p.worker, "draining": false})).map_err(pool_error));
-    method!("restart", |p: WorkerParams, ctx| ctx.pool.restart(p.worker).map(|()| json!({"worker": p.worker, "restarting": true})).map_err(pool_error));
-    method!("rolling_restart", |_p: NoParams, ctx| ctx.pool.rolling_restart().await.map(|ids| json!({"replaced": ids})).map_err(pool_error));
+    method!("drain", |p: WorkerParams, ctx| ctx
+        .pool
+        .drain(p.worker)
+        .map(|()| json!({"worker": p.worker, "draining": true}))
+        .map_err(pool_error));
+    method!("undrain", |p: WorkerParams, ctx| ctx
+        .pool
+        .undrain(p.worker)
+        .map(|()| json!({"worker": p.worker, "draining": false}))
+        .map_err(pool_error));
+    method!("restart", |p: WorkerParams, ctx| ctx
+        .pool
+        .restart(p.worker)
+        .map(|()| json!({"worker": p.worker, "restarting": true}))
+        .map_err(pool_error));
+    method!("rolling_restart", |_p: NoParams, ctx| ctx
+        .pool
+        .rolling_restart()
+        .await
+        .map(|ids| json!({"replaced": ids}))
+        .map_err(pool_error));
     method!("prefetch", |p: ModelParams, ctx| ctx
         .pool
         .prefetch(&p.model, p.workers)
@@ -140,10 +157,17 @@ pub fn module(ctx: AdminContext) -> RpcModule<AdminContext> {
         .await
         .map(|ids| json!({"model": p.model, "workers": ids}))
         .map_err(pool_error));
-    method!("scale", |p: ScaleParams, ctx| ctx.pool.scale(p.workers).await.map(|n| json!({"workers": n})).map_err(pool_error));
+    method!("scale", |p: ScaleParams, ctx| ctx
+        .pool
+        .scale(p.workers)
+        .await
+        .map(|n| json!({"workers": n}))
+        .map_err(pool_error));
     method!("reload_config", |_p: NoParams, ctx| {
         match (ctx.reload)() {
-            Ok(config) => ctx.pool.reload(config).await.map(|n| json!({"reloaded": true, "workers": n})).map_err(pool_error),
+            Ok(config) => {
+                ctx.pool.reload(config).await.map(|n| json!({"reloaded": true, "workers": n})).map_err(pool_error)
+            }
             Err(e) => Err(ErrorObjectOwned::owned::<()>(codes::INVALID_CONFIG, e.to_string(), None)),
         }
     });
@@ -157,13 +181,21 @@ struct Served {
 
 async fn handle(State(s): State<Arc<Served>>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
     let reply = |status: StatusCode, body: String| (status, [(header::CONTENT_TYPE, "application/json")], body);
-    let error = |code: i32, message: &str| json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}}).to_string();
+    let error = |code: i32, message: &str| {
+        json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}}).to_string()
+    };
     if let Some(token) = &s.token {
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(t) if t == token => {}
             Some(_) => return reply(StatusCode::UNAUTHORIZED, error(codes::UNAUTHORIZED, "wrong bearer token")),
-            None => return reply(StatusCode::UNAUTHORIZED, error(codes::UNAUTHORIZED, "missing bearer token (Authorization: Bearer ...)")),
+            None => {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    error(codes::UNAUTHORIZED, "missing bearer token (Authorization: Bearer ...)"),
+                );
+            }
         }
     }
     let Ok(text) = std::str::from_utf8(&body) else {
@@ -176,7 +208,12 @@ async fn handle(State(s): State<Arc<Served>>, headers: HeaderMap, body: Bytes) -
 }
 
 /// Serves the admin API until `stop` is cancelled.
-pub async fn serve(listen: Listen, token: Option<String>, module: RpcModule<AdminContext>, stop: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listen: Listen,
+    token: Option<String>,
+    module: RpcModule<AdminContext>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     listen.check_token(token.as_deref()).map_err(std::io::Error::other)?;
     let app = Router::new()
         .route("/", post(handle))
@@ -204,7 +241,8 @@ pub async fn call(listen: &Listen, token: Option<&str>, method: &str, params: Va
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
-    let mut req = hyper::Request::post("/").header(header::CONTENT_TYPE, "application/json").header(header::HOST, "localhost");
+    let mut req =
+        hyper::Request::post("/").header(header::CONTENT_TYPE, "application/json").header(header::HOST, "localhost");
     if let Some(t) = token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
@@ -222,7 +260,8 @@ pub async fn call(listen: &Listen, token: Option<&str>, method: &str, params: Va
     }
     .map_err(|e| json!({"message": e}))?;
     let bytes = response.into_body().collect().await.map_err(|e| json!({"message": e.to_string()}))?.to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| json!({"message": format!("not JSON from the admin API: {e}")}))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| json!({"message": format!("not JSON from the admin API: {e}")}))?;
     match (v.get("result"), v.get("error")) {
         (Some(r), _) => Ok(r.clone()),
         (_, Some(e)) => Err(e.clone()),
@@ -230,7 +269,10 @@ pub async fn call(listen: &Listen, token: Option<&str>, method: &str, params: Va
     }
 }
 
-async fn send<T>(io: T, req: hyper::Request<http_body_util::Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>, String>
+async fn send<T>(
+    io: T,
+    req: hyper::Request<http_body_util::Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -238,7 +280,6 @@ where
     tokio::spawn(conn);
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -27,11 +27,7 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     /// 5 failures, 30 s base ejection, 300 s maximum ejection.
     fn default() -> Self {
-        Self {
-            failure_threshold: 5,
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-        }
+        Self { failure_threshold: 5, base_ejection: Duration::from_secs(30), max_ejection: Duration::from_secs(300) }
     }
 }
 
@@ -184,14 +180,8 @@ impl Breaker {
     /// Opens for ejection number `n + 1`: `min(base_ejection × n, max_ejection)`.
     fn open(&mut self, now: Instant) {
         self.ejections = self.ejections.saturating_add(1);
-        let duration = self
-            .config
-            .base_ejection
-            .saturating_mul(self.ejections)
-            .min(self.config.max_ejection);
-        self.state = BreakerState::Open {
-            until: now + duration,
-        };
+        let duration = self.config.base_ejection.saturating_mul(self.ejections).min(self.config.max_ejection);
+        self.state = BreakerState::Open { until: now + duration };
         self.consecutive_failures = 0;
         self.probe_in_flight = false;
         self.healthy_since = None;
@@ -284,10 +274,7 @@ mod tests {
             durations.push(fail_probe(&mut b).await);
         }
         let secs: Vec<u64> = durations.iter().map(Duration::as_secs).collect();
-        assert_eq!(
-            secs,
-            [30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 300, 300]
-        );
+        assert_eq!(secs, [30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 300, 300]);
         assert_eq!(b.ejections(), 12);
     }
 

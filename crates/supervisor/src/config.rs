@@ -448,7 +448,9 @@ impl Config {
         }
         let cache = &self.http.response_cache;
         if cache.enabled && cache.max_bytes == 0 {
-            return bad("`http.response_cache.max_bytes` must be at least 1 when `http.response_cache.enabled` is true".into());
+            return bad(
+                "`http.response_cache.max_bytes` must be at least 1 when `http.response_cache.enabled` is true".into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.retry.ratio) {
             return bad(format!("`retry.ratio` must be in [0, 1], got {}", self.retry.ratio));
@@ -659,7 +661,9 @@ mod tests {
     #[test]
     fn model_paths_must_lie_under_the_roots() {
         let root = repo().join("tests/fixtures/models").canonicalize().unwrap();
-        let config = |path: &str| format!("model_roots = [\"{}\"]\n[[models]]\nname = \"x\"\npath = \"{path}\"\n", root.display());
+        let config = |path: &str| {
+            format!("model_roots = [\"{}\"]\n[[models]]\nname = \"x\"\npath = \"{path}\"\n", root.display())
+        };
         // `..` that leaves the root, and an absolute path elsewhere.
         for path in [format!("{}/../../../crates", root.display()), "/tmp".to_string()] {
             let e = load_text(&config(&path)).unwrap_err().to_string();

@@ -11,12 +11,14 @@ use crate::pool::Pool;
 use crate::worker::slot::WorkerState;
 
 /// Buckets for latencies in seconds.
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Buckets of the token-count histograms: powers of two up to 32768.
-const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
+const TOKEN_BUCKETS: &[f64] =
+    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -87,7 +89,9 @@ impl RequestMetrics {
     /// The handles of `route` and `model`, registered on first use.
     pub fn of(route: &'static str, model: &str) -> Arc<RequestMetrics> {
         let kept = KEPT.get_or_init(Default::default);
-        if let Some(m) = kept.read().unwrap_or_else(|e| e.into_inner()).get(route).and_then(|by_model| by_model.get(model)) {
+        if let Some(m) =
+            kept.read().unwrap_or_else(|e| e.into_inner()).get(route).and_then(|by_model| by_model.get(model))
+        {
             return m.clone();
         }
         let m = Arc::new(RequestMetrics::register(route, model));
@@ -254,7 +258,8 @@ pub async fn refresh(pool: Arc<Pool>, handle: PrometheusHandle, period: Duration
             let id = w.id.to_string();
             gauge!("mlx_worker_in_flight", "worker" => id.clone()).set(w.in_flight as f64);
             for (state, name) in STATES {
-                gauge!("mlx_worker_state", "worker" => id.clone(), "state" => name).set(f64::from(u8::from(w.state == state)));
+                gauge!("mlx_worker_state", "worker" => id.clone(), "state" => name)
+                    .set(f64::from(u8::from(w.state == state)));
             }
             let breaker = match w.breaker {
                 "closed" => 0.0,

@@ -78,7 +78,10 @@ fn fingerprint(r: &GenerateRequest) -> u64 {
     }
     let mut h = HashWriter(std::collections::hash_map::DefaultHasher::new());
     // Writing into a hasher cannot fail.
-    let _ = serde_json::to_writer(&mut h, &(&r.model, &r.prompt, r.max_tokens, &r.sampling, &r.stop, &r.stop_token_ids, r.ignore_eos));
+    let _ = serde_json::to_writer(
+        &mut h,
+        &(&r.model, &r.prompt, r.max_tokens, &r.sampling, &r.stop, &r.stop_token_ids, r.ignore_eos),
+    );
     h.0.finish()
 }
 
@@ -158,7 +161,11 @@ impl Priority {
 /// What routing found.
 enum Pick {
     /// `by_prefix`: chosen for the prefix of the prompt it holds.
-    Chosen { slot: Arc<Slot>, conn: Arc<Conn>, by_prefix: bool },
+    Chosen {
+        slot: Arc<Slot>,
+        conn: Arc<Conn>,
+        by_prefix: bool,
+    },
     /// Workers serve the model but none has room.
     Full,
     /// No eligible worker has the model; this one may load it.
@@ -236,7 +243,10 @@ enum Attempt {
     FailedMidStream(String),
     /// The worker's process or pipe went away after tokens reached the caller: resumable.
     /// `before_token`: this worker died before it produced a token of this request.
-    DiedMidStream { message: String, before_token: bool },
+    DiedMidStream {
+        message: String,
+        before_token: bool,
+    },
 }
 
 /// Counts a request against a slot until the stream ends.
@@ -251,7 +261,14 @@ struct RequestGuard {
 }
 
 impl RequestGuard {
-    fn new(slot: &Arc<Slot>, conn: &Arc<Conn>, key: String, model: &str, suspect: bool, changed: &Arc<Notify>) -> RequestGuard {
+    fn new(
+        slot: &Arc<Slot>,
+        conn: &Arc<Conn>,
+        key: String,
+        model: &str,
+        suspect: bool,
+        changed: &Arc<Notify>,
+    ) -> RequestGuard {
         let inflight = InFlight::new(slot.inflight.clone());
         let suspect = suspect.then(|| InFlight::new(slot.suspects.clone()));
         let mut s = slot.lock();
@@ -292,7 +309,8 @@ impl Pool {
     /// background ([`Pool::wait_ready`]).
     pub fn start(config: Config) -> Arc<Pool> {
         let r = &config.retry;
-        let budget = RetryBudget::new(RetryConfig { ratio: r.ratio, floor: r.floor, base: ms(r.base_ms), cap: ms(r.cap_ms) });
+        let budget =
+            RetryBudget::new(RetryConfig { ratio: r.ratio, floor: r.floor, base: ms(r.base_ms), cap: ms(r.cap_ms) });
         let rng = match config.pool.seed {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),
@@ -374,10 +392,11 @@ impl Pool {
 
     fn slot(&self, id: u64) -> Result<Arc<Slot>, PoolError> {
         let slots = self.slots();
-        slots.iter().find(|s| s.id == id).cloned().ok_or_else(|| PoolError::UnknownWorker {
-            id,
-            known: slots.iter().map(|s| s.id).collect(),
-        })
+        slots
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+            .ok_or_else(|| PoolError::UnknownWorker { id, known: slots.iter().map(|s| s.id).collect() })
     }
 
     /// Waits until at least `n` workers are ready, or `within` passes.
@@ -428,7 +447,13 @@ impl Pool {
         }
     }
 
-    async fn run_request<S: Sink>(self: Arc<Self>, mut request: GenerateRequest, priority: Priority, mut tx: S, _admission: Admission) {
+    async fn run_request<S: Sink>(
+        self: Arc<Self>,
+        mut request: GenerateRequest,
+        priority: Priority,
+        mut tx: S,
+        _admission: Admission,
+    ) {
         let _active = self.budget.start_request();
         // A sampled stream gets a seed here, so a resumed stream continues the same draws.
         if request.sampling.temperature > 0.0 && request.sampling.seed.is_none() {
@@ -444,7 +469,8 @@ impl Pool {
         let mut deaths = 0u32;
         let retry_config = *self.budget.config();
         let prefix_capacity = config.pool.prefix_affinity_keys;
-        let prefix = if prefix_capacity > 0 { crate::prefix::keys(&request.model, &request.prompt) } else { Vec::new() };
+        let prefix =
+            if prefix_capacity > 0 { crate::prefix::keys(&request.model, &request.prompt) } else { Vec::new() };
         let mut exclude = HashSet::new();
         let mut overloaded = HashSet::new();
         let mut attempts = 0u32;
@@ -523,7 +549,8 @@ impl Pool {
                     exclude.insert((slot.id, conn.generation));
                     let permit = if attempts < MAX_ATTEMPTS { self.wait_for_retry(resume_wait).await } else { None };
                     let Some(_permit) = permit else {
-                        let message = format!("{message}; the stream could not be resumed (retry budget or attempts spent)");
+                        let message =
+                            format!("{message}; the stream could not be resumed (retry budget or attempts spent)");
                         tx.deliver(Err(PoolError::WorkerFailedMidStream { worker: slot.id, message })).await;
                         return;
                     };
@@ -632,14 +659,18 @@ impl Pool {
         }
         tracing::error!(request = %request.id, "the request took down {deaths} workers: refusing it and its twins");
         crate::metrics::poisoned();
-        self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).insert(fingerprint(request), Instant::now() + POISON_TTL);
+        self.poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fingerprint(request), Instant::now() + POISON_TTL);
         Some(PoolError::Poisoned { crashes: *deaths })
     }
 
     /// Seconds for `depth` requests to drain at the rate requests ended lately (1 to 60).
     fn retry_after(&self, depth: usize) -> u64 {
         let now = Instant::now();
-        let recent = self.finished.lock().map_or(0, |f| f.iter().filter(|t| now.duration_since(**t) <= DRAIN_WINDOW).count());
+        let recent =
+            self.finished.lock().map_or(0, |f| f.iter().filter(|t| now.duration_since(**t) <= DRAIN_WINDOW).count());
         if recent == 0 {
             return 1;
         }
@@ -780,7 +811,8 @@ impl Pool {
                 match self.pick_worker(want, exclude) {
                     Pick::Chosen { slot, conn, by_prefix } => {
                         // Counted against the worker before the next in line looks.
-                        let guard = RequestGuard::new(&slot, &conn, key.to_string(), model, want.suspect, &self.changed);
+                        let guard =
+                            RequestGuard::new(&slot, &conn, key.to_string(), model, want.suspect, &self.changed);
                         if !want.prefix.is_empty() {
                             let mut s = slot.lock();
                             s.prefixes.set_capacity(want.prefix_capacity);
@@ -878,11 +910,10 @@ impl Pool {
         if config.pool.memory_budget_bytes > 0 {
             self.make_room(slot, &conn, model_bytes(&m.path), config.pool.memory_budget_bytes).await?;
         }
-        let info = conn
-            .client
-            .load_model(&m.name, &m.path.display().to_string())
-            .await
-            .map_err(|e| PoolError::Conflict { message: format!("loading `{model}` on worker {}: {e}", slot.id) })?;
+        let info =
+            conn.client.load_model(&m.name, &m.path.display().to_string()).await.map_err(|e| PoolError::Conflict {
+                message: format!("loading `{model}` on worker {}: {e}", slot.id),
+            })?;
         let mut s = slot.lock();
         if s.conn.as_ref().is_some_and(|c| c.generation == conn.generation) {
             s.models.insert(model.to_string(), LoadedModel { info, last_used: Instant::now() });
@@ -1002,7 +1033,10 @@ impl Pool {
                 if timeout_at(deadline, notified).await.is_err() {
                     self.remove_slot(&fresh, false).await;
                     return Err(PoolError::Conflict {
-                        message: format!("the replacement for worker {} did not become ready; rolling restart stopped", slot.id),
+                        message: format!(
+                            "the replacement for worker {} did not become ready; rolling restart stopped",
+                            slot.id
+                        ),
                     });
                 }
             }
@@ -1061,10 +1095,9 @@ impl Pool {
                 s.models.remove(model).and(s.conn.clone())
             };
             if let Some(conn) = conn {
-                conn.client
-                    .unload_model(model)
-                    .await
-                    .map_err(|e| PoolError::Conflict { message: format!("unloading `{model}` from worker {}: {e}", slot.id) })?;
+                conn.client.unload_model(model).await.map_err(|e| PoolError::Conflict {
+                    message: format!("unloading `{model}` from worker {}: {e}", slot.id),
+                })?;
                 done.push(slot.id);
             }
         }
@@ -1124,7 +1157,11 @@ impl Pool {
             self.scale_group(Some(name), *n).await;
         }
         let config = self.config();
-        let gone: Vec<Arc<Slot>> = self.slots().into_iter().filter(|s| s.group.is_some() && config.group(s.group.as_deref()).is_none()).collect();
+        let gone: Vec<Arc<Slot>> = self
+            .slots()
+            .into_iter()
+            .filter(|s| s.group.is_some() && config.group(s.group.as_deref()).is_none())
+            .collect();
         for slot in gone {
             self.retire(&slot, &config).await;
         }

@@ -153,7 +153,11 @@ mod tests {
         let turn1 = vec![system.clone(), msg("user", "Hi")];
         let turn2 = vec![system.clone(), msg("user", "Hi"), msg("assistant", "Hello."), msg("user", "Bye")];
         let other = vec![system.clone(), msg("user", "Something else")];
-        let (a, b, c) = (keys("m", &Prompt::Messages(turn1)), keys("m", &Prompt::Messages(turn2)), keys("m", &Prompt::Messages(other)));
+        let (a, b, c) = (
+            keys("m", &Prompt::Messages(turn1)),
+            keys("m", &Prompt::Messages(turn2)),
+            keys("m", &Prompt::Messages(other)),
+        );
         assert_eq!(a.len(), 2);
         assert_eq!(b.len(), 4);
         assert_eq!(a[..], b[..2], "a follow-up turn extends the conversation's keys");
@@ -179,7 +183,8 @@ mod tests {
         assert_eq!(k.len(), 3);
         assert!(keys("m", &Prompt::Text("short".into())).is_empty());
         // A longer prompt with the same start shares the blocks they have in common.
-        let longer = keys("m", &Prompt::Text(format!("{}{}", &text[..TEXT_BLOCK_BYTES * 2], "y".repeat(TEXT_BLOCK_BYTES * 2))));
+        let longer =
+            keys("m", &Prompt::Text(format!("{}{}", &text[..TEXT_BLOCK_BYTES * 2], "y".repeat(TEXT_BLOCK_BYTES * 2))));
         assert_eq!(longer[..2], k[..2]);
         assert_ne!(longer[2], k[2]);
         let ids: Vec<u32> = (0..(TOKEN_BLOCK_IDS as u32 * 2 + 5)).collect();
@@ -191,12 +196,16 @@ mod tests {
         assert_eq!(t[0], u[0]);
         assert_ne!(t[1], u[1]);
         // Text and ids never share keys.
-        assert_ne!(keys("m", &Prompt::Text("\0".repeat(TEXT_BLOCK_BYTES)))[0], keys("m", &Prompt::TokenIds(vec![0; TOKEN_BLOCK_IDS]))[0]);
+        assert_ne!(
+            keys("m", &Prompt::Text("\0".repeat(TEXT_BLOCK_BYTES)))[0],
+            keys("m", &Prompt::TokenIds(vec![0; TOKEN_BLOCK_IDS]))[0]
+        );
     }
 
     #[test]
     fn memory_finds_the_longest_known_prefix() {
-        let conversation: Vec<Message> = (0..6).map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, &format!("turn {i}"))).collect();
+        let conversation: Vec<Message> =
+            (0..6).map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, &format!("turn {i}"))).collect();
         let short = keys("m", &Prompt::Messages(conversation[..2].to_vec()));
         let long = keys("m", &Prompt::Messages(conversation.clone()));
         let mut memory = PrefixMemory::new(100);

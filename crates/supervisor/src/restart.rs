@@ -139,24 +139,17 @@ impl RestartTracker {
         // must have left it.
         let keep = self.policy.max_spawns.saturating_sub(1);
         let excess = self.recent_spawns.len().saturating_sub(keep);
-        let free_at = excess
-            .checked_sub(1)
-            .and_then(|i| self.recent_spawns.get(i))
-            .map(|&oldest| oldest + self.policy.window);
+        let free_at =
+            excess.checked_sub(1).and_then(|i| self.recent_spawns.get(i)).map(|&oldest| oldest + self.policy.window);
         match free_at {
-            Some(free_at) if free_at > now + delay => Decision::Quarantine {
-                after: free_at - now,
-            },
+            Some(free_at) if free_at > now + delay => Decision::Quarantine { after: free_at - now },
             _ => Decision::Restart { after: delay },
         }
     }
 
     /// Spawns inside the window ending at `now`.
     pub fn spawns_in_window(&self, now: Instant) -> usize {
-        self.recent_spawns
-            .iter()
-            .filter(|&&at| self.in_window(at, now))
-            .count()
+        self.recent_spawns.iter().filter(|&&at| self.in_window(at, now)).count()
     }
 
     /// All spawns recorded for this slot.
@@ -229,10 +222,7 @@ mod tests {
 
     fn assert_intensity(spawns: &[Instant], policy: &RestartPolicy) {
         for (i, &start) in spawns.iter().enumerate() {
-            let inside = spawns[i..]
-                .iter()
-                .filter(|&&at| at - start < policy.window)
-                .count();
+            let inside = spawns[i..].iter().filter(|&&at| at - start < policy.window).count();
             assert!(inside <= policy.max_spawns, "{inside} spawns in one window");
         }
     }
@@ -286,11 +276,7 @@ mod tests {
             delay = (delay * 2).min(policy.max_delay);
             bound += 1;
         }
-        assert!(
-            spawns.len() <= bound,
-            "{} spawns > bound {bound}",
-            spawns.len()
-        );
+        assert!(spawns.len() <= bound, "{} spawns > bound {bound}", spawns.len());
         assert!(bound <= 20, "bound {bound}");
         // Still restarting: each wait is below 2 × max_delay.
         assert!(spawns.len() >= 5);
@@ -333,11 +319,7 @@ mod tests {
         let mut tracker = RestartTracker::new(policy);
         let (spawns, decisions) = crash_loop(&mut tracker, Duration::ZERO, SIM).await;
         assert_intensity(&spawns, &policy);
-        assert!(
-            decisions
-                .iter()
-                .any(|d| matches!(d, Decision::Quarantine { .. }))
-        );
+        assert!(decisions.iter().any(|d| matches!(d, Decision::Quarantine { .. })));
         // 3 per 10 s window over 600 s.
         assert!(spawns.len() <= 3 * 61, "{}", spawns.len());
         assert!(spawns.len() >= 3 * 59, "{}", spawns.len());
@@ -345,10 +327,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn zero_min_delay_never_waits_zero() {
-        let policy = RestartPolicy {
-            min_delay: Duration::ZERO,
-            ..RestartPolicy::default()
-        };
+        let policy = RestartPolicy { min_delay: Duration::ZERO, ..RestartPolicy::default() };
         let mut tracker = RestartTracker::new(policy);
         tracker.on_spawn(Instant::now());
         assert!(tracker.next(Instant::now()).after() > Duration::ZERO);

@@ -26,12 +26,7 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     /// 20 % of active requests, at least 3; waits up to 25 ms doubling to 250 ms.
     fn default() -> Self {
-        Self {
-            ratio: 0.2,
-            floor: 3,
-            base: Duration::from_millis(25),
-            cap: Duration::from_millis(250),
-        }
+        Self { ratio: 0.2, floor: 3, base: Duration::from_millis(25), cap: Duration::from_millis(250) }
     }
 }
 
@@ -46,11 +41,7 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A budget with no active requests and no retries in progress.
     pub fn new(config: RetryConfig) -> Self {
-        Self {
-            config,
-            active: AtomicUsize::new(0),
-            retrying: AtomicUsize::new(0),
-        }
+        Self { config, active: AtomicUsize::new(0), retrying: AtomicUsize::new(0) }
     }
 
     /// The settings this budget was made with.
@@ -61,9 +52,7 @@ impl RetryBudget {
     /// Counts a request as active until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveGuard {
-            budget: Arc::clone(self),
-        }
+        ActiveGuard { budget: Arc::clone(self) }
     }
 
     /// A permit for one retry if retries in progress stay within
@@ -72,13 +61,9 @@ impl RetryBudget {
     pub fn try_retry(self: &Arc<Self>) -> Option<RetryPermit> {
         let limit = self.limit();
         self.retrying
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |retrying| {
-                (retrying < limit).then_some(retrying + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |retrying| (retrying < limit).then_some(retrying + 1))
             .ok()?;
-        Some(RetryPermit {
-            budget: Arc::clone(self),
-        })
+        Some(RetryPermit { budget: Arc::clone(self) })
     }
 
     /// Requests currently active.
@@ -144,9 +129,7 @@ mod tests {
     }
 
     fn drain(budget: &Arc<RetryBudget>) -> Vec<RetryPermit> {
-        std::iter::from_fn(|| budget.try_retry())
-            .take(10_000)
-            .collect()
+        std::iter::from_fn(|| budget.try_retry()).take(10_000).collect()
     }
 
     #[test]
@@ -228,9 +211,7 @@ mod tests {
         let config = RetryConfig::default();
         let draw = |seed| {
             let mut rng = SmallRng::seed_from_u64(seed);
-            (1..=6)
-                .map(|a| retry_delay(&config, a, &mut rng))
-                .collect::<Vec<_>>()
+            (1..=6).map(|a| retry_delay(&config, a, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));

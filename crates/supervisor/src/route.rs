@@ -37,16 +37,9 @@ pub struct Picked {
 pub fn pick(candidates: &[Candidate], prefix_slack: usize, rng: &mut impl Rng) -> Option<Picked> {
     let min_load = candidates.iter().map(|c| c.load).min()?;
     let allowed = min_load.saturating_add(prefix_slack);
-    let longest = candidates
-        .iter()
-        .filter(|c| c.load <= allowed)
-        .map(|c| c.prefix)
-        .max()
-        .unwrap_or(0);
+    let longest = candidates.iter().filter(|c| c.load <= allowed).map(|c| c.prefix).max().unwrap_or(0);
     if longest > 0 {
-        let cached = candidates
-            .iter()
-            .filter(|c| c.prefix == longest && c.load <= allowed);
+        let cached = candidates.iter().filter(|c| c.prefix == longest && c.load <= allowed);
         if let Some(id) = least_loaded(cached, rng) {
             return Some(Picked { id, by_prefix: true });
         }
@@ -56,10 +49,7 @@ pub fn pick(candidates: &[Candidate], prefix_slack: usize, rng: &mut impl Rng) -
 
 /// Least-loaded id among `candidates`, ties broken uniformly at random
 /// (reservoir sampling over the tied ids).
-fn least_loaded<'a>(
-    candidates: impl Iterator<Item = &'a Candidate>,
-    rng: &mut impl Rng,
-) -> Option<u64> {
+fn least_loaded<'a>(candidates: impl Iterator<Item = &'a Candidate>, rng: &mut impl Rng) -> Option<u64> {
     let mut best: Option<(usize, u64)> = None;
     let mut tied = 0u32;
     for c in candidates {
@@ -108,11 +98,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn c(id: u64, load: usize, prefix_hit: bool) -> Candidate {
-        Candidate {
-            id,
-            load,
-            prefix: usize::from(prefix_hit),
-        }
+        Candidate { id, load, prefix: usize::from(prefix_hit) }
     }
 
     fn p(id: u64, load: usize, prefix: usize) -> Candidate {
@@ -134,12 +120,7 @@ mod tests {
 
     #[test]
     fn picks_minimum() {
-        let cs = [
-            c(1, 5, false),
-            c(2, 2, false),
-            c(3, 9, false),
-            c(4, 3, false),
-        ];
+        let cs = [c(1, 5, false), c(2, 2, false), c(3, 9, false), c(4, 3, false)];
         for seed in 0..50 {
             assert_eq!(id(pick(&cs, 0, &mut rng(seed))), Some(2));
         }
@@ -147,12 +128,7 @@ mod tests {
 
     #[test]
     fn ties_deterministic_for_a_seed() {
-        let cs = [
-            c(1, 1, false),
-            c(2, 1, false),
-            c(3, 4, false),
-            c(4, 1, false),
-        ];
+        let cs = [c(1, 1, false), c(2, 1, false), c(3, 4, false), c(4, 1, false)];
         for seed in 0..20 {
             assert_eq!(pick(&cs, 0, &mut rng(seed)), pick(&cs, 0, &mut rng(seed)));
         }
@@ -160,12 +136,7 @@ mod tests {
 
     #[test]
     fn ties_spread_over_all_tied_ids() {
-        let cs = [
-            c(1, 1, false),
-            c(2, 1, false),
-            c(3, 4, false),
-            c(4, 1, false),
-        ];
+        let cs = [c(1, 1, false), c(2, 1, false), c(3, 4, false), c(4, 1, false)];
         let mut counts: HashMap<u64, usize> = HashMap::new();
         for seed in 0..3000 {
             let id = id(pick(&cs, 0, &mut rng(seed)));

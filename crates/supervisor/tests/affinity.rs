@@ -16,7 +16,10 @@ fn msg(role: &str, content: &str) -> Message {
 }
 
 fn chat(id: &str, messages: &[Message], max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { ignore_eos: true, ..GenerateRequest::new(id, "m", Prompt::Messages(messages.to_vec()), max_tokens) }
+    GenerateRequest {
+        ignore_eos: true,
+        ..GenerateRequest::new(id, "m", Prompt::Messages(messages.to_vec()), max_tokens)
+    }
 }
 
 /// Requests each worker has accepted since it started, by worker id.
@@ -42,7 +45,12 @@ async fn served_by(pool: &std::sync::Arc<Pool>, request: GenerateRequest) -> u64
 
 /// Waits until a worker's heartbeats say it runs and queues nothing.
 async fn quiet(pool: &Pool, id: u64) {
-    let quiet = || pool.status().workers.iter().any(|w| w.id == id && w.in_flight == 0 && w.active_sequences == 0 && w.queue_depth == 0);
+    let quiet = || {
+        pool.status()
+            .workers
+            .iter()
+            .any(|w| w.id == id && w.in_flight == 0 && w.active_sequences == 0 && w.queue_depth == 0)
+    };
     assert!(eventually(Duration::from_secs(30), quiet).await, "worker {id} stays busy: {:?}", pool.status().workers);
 }
 
@@ -71,7 +79,11 @@ async fn follow_up_turns_stay_on_their_worker_until_it_is_over_the_bound() {
             for (conversation, name, home) in [(&mut a, "A", 0), (&mut b, "B", 1)] {
                 conversation.push(msg("assistant", &format!("Reply {turn}.")));
                 conversation.push(msg("user", &format!("{name}, turn {turn}.")));
-                assert_eq!(served_by(&pool, chat(&format!("{name}{turn}"), conversation, 4)).await, home, "turn {turn} of {name}");
+                assert_eq!(
+                    served_by(&pool, chat(&format!("{name}{turn}"), conversation, 4)).await,
+                    home,
+                    "turn {turn} of {name}"
+                );
             }
         }
         let status = pool.status();
@@ -95,14 +107,19 @@ async fn follow_up_turns_stay_on_their_worker_until_it_is_over_the_bound() {
         quiet(&pool, 1).await;
         a.push(msg("assistant", "Reply 4."));
         a.push(msg("user", "A, turn 5."));
-        assert_eq!(served_by(&pool, chat("A5", &a, 4)).await, 1, "over the bound, the turn goes to the least busy worker");
+        assert_eq!(
+            served_by(&pool, chat("A5", &a, 4)).await,
+            1,
+            "over the bound, the turn goes to the least busy worker"
+        );
         drop(held);
 
         // A restarted worker's KV cache is gone, and so are its keys: worker 1, which ran the
         // last turn, now knows the conversation best.
         quiet(&pool, 0).await;
         pool.restart(0).unwrap();
-        let back = || pool.status().workers.iter().any(|w| w.id == 0 && w.generation == 2 && w.state == WorkerState::Ready);
+        let back =
+            || pool.status().workers.iter().any(|w| w.id == 0 && w.generation == 2 && w.state == WorkerState::Ready);
         assert!(eventually(Duration::from_secs(60), back).await, "worker 0 did not come back");
         assert_eq!(pool.status().workers[0].prefix_keys, 0);
         a.push(msg("assistant", "Reply 5."));

@@ -17,12 +17,20 @@ fn pid_of(pool: &mlx_serving_supervisor::Pool, id: u64) -> i32 {
 }
 
 /// Runs `n` requests at once; `during` runs once they are under way.
-async fn under_load(pool: &Arc<mlx_serving_supervisor::Pool>, n: usize, max_tokens: usize, during: impl AsyncFnOnce()) -> Vec<(String, Outcome)> {
+async fn under_load(
+    pool: &Arc<mlx_serving_supervisor::Pool>,
+    n: usize,
+    max_tokens: usize,
+    during: impl AsyncFnOnce(),
+) -> Vec<(String, Outcome)> {
     let mut tasks = Vec::new();
     for i in 0..n {
         let pool = pool.clone();
         let text = format!("Request {i} wants {}", "words ".repeat(i % 7 + 1));
-        tasks.push((text.clone(), tokio::spawn(async move { collect(&pool, request(&format!("r{i}"), &text, max_tokens)).await })));
+        tasks.push((
+            text.clone(),
+            tokio::spawn(async move { collect(&pool, request(&format!("r{i}"), &text, max_tokens)).await }),
+        ));
     }
     during().await;
     let mut out = Vec::new();
@@ -35,7 +43,11 @@ async fn under_load(pool: &Arc<mlx_serving_supervisor::Pool>, n: usize, max_toke
 /// Every request that had not streamed a token completed, with the tokens it gets alone;
 /// the others completed too (resumed) or ended with a typed mid-stream error. Returns how many
 /// were cut mid-stream.
-async fn check_outcomes(pool: &Arc<mlx_serving_supervisor::Pool>, outcomes: &[(String, Outcome)], max_tokens: usize) -> usize {
+async fn check_outcomes(
+    pool: &Arc<mlx_serving_supervisor::Pool>,
+    outcomes: &[(String, Outcome)],
+    max_tokens: usize,
+) -> usize {
     let mut cut = 0;
     for (text, o) in outcomes {
         match &o.last {
@@ -122,7 +134,8 @@ async fn a_worker_that_dies_at_start_is_backed_off_and_quarantined() {
         c.pool.worker_command = vec!["sh".into(), "-c".into(), "echo 'cannot start: boom' >&2; exit 3".into()];
         c.pool.queue_timeout_ms = 1000;
         let pool = mlx_serving_supervisor::Pool::start(c);
-        let quarantined = eventually(Duration::from_secs(20), || pool.status().workers[0].state == WorkerState::Quarantined).await;
+        let quarantined =
+            eventually(Duration::from_secs(20), || pool.status().workers[0].state == WorkerState::Quarantined).await;
         let w = pool.status().workers[0].clone();
         assert!(quarantined, "{w:?}");
         // 5 spawns (at 0, ~0.1, ~0.3, ~0.7, ~1.5 s) and then a wait: no spin.
@@ -144,7 +157,11 @@ async fn a_worker_that_dies_at_start_is_backed_off_and_quarantined() {
 }
 
 /// Reads a stream; after its `kill_after`-th token, SIGKILLs the worker serving it.
-async fn stream_and_kill(pool: &Arc<mlx_serving_supervisor::Pool>, req: mlx_serving_protocol::GenerateRequest, kill_after: usize) -> Outcome {
+async fn stream_and_kill(
+    pool: &Arc<mlx_serving_supervisor::Pool>,
+    req: mlx_serving_protocol::GenerateRequest,
+    kill_after: usize,
+) -> Outcome {
     use mlx_serving_protocol::GenerateEvent;
     use mlx_serving_supervisor::PoolEvent;
     let mut rx = pool.generate(req);
@@ -157,7 +174,13 @@ async fn stream_and_kill(pool: &Arc<mlx_serving_supervisor::Pool>, req: mlx_serv
                 tokens.extend(t.token_ids);
                 if tokens.len() >= kill_after && !killed {
                     killed = true;
-                    let serving = pool.status().workers.iter().find(|w| w.in_flight == 1).and_then(|w| w.pid).expect("the serving worker");
+                    let serving = pool
+                        .status()
+                        .workers
+                        .iter()
+                        .find(|w| w.in_flight == 1)
+                        .and_then(|w| w.pid)
+                        .expect("the serving worker");
                     kill(Pid::from_raw(serving as i32), Signal::SIGKILL).unwrap();
                 }
             }
@@ -201,7 +224,13 @@ async fn faulty_pool(workers: usize, fault: &str) -> Arc<mlx_serving_supervisor:
     let mut c = config(workers);
     let proxy = worker_bin().with_file_name("mlx-serving-faultworker");
     assert!(proxy.exists(), "{} is missing: build the workspace first", proxy.display());
-    c.pool.worker_command = vec![proxy.display().to_string(), "--fault".into(), fault.into(), "--".into(), worker_bin().display().to_string()];
+    c.pool.worker_command = vec![
+        proxy.display().to_string(),
+        "--fault".into(),
+        fault.into(),
+        "--".into(),
+        worker_bin().display().to_string(),
+    ];
     started(c).await
 }
 
@@ -215,7 +244,11 @@ async fn stalled_garbage_and_oversized_workers_are_replaced_and_their_streams_re
         // below it on the next.
         let expected = collect(&reference, request("ref", "Faults ahead", 8)).await.tokens;
         reference.shutdown(Duration::from_secs(5)).await;
-        for (fault, reason) in [("stall-at-token:5", "no progress"), ("garbage-at-token:5", "protocol"), ("oversized-at-token:5", "protocol")] {
+        for (fault, reason) in [
+            ("stall-at-token:5", "no progress"),
+            ("garbage-at-token:5", "protocol"),
+            ("oversized-at-token:5", "protocol"),
+        ] {
             let pool = faulty_pool(2, fault).await;
             let got = collect(&pool, request("r", "Faults ahead", 8)).await;
             assert!(got.last.is_ok(), "{fault}: {:?}", got.last);
@@ -286,7 +319,9 @@ async fn a_stream_that_cannot_be_resumed_ends_with_a_typed_error_at_once() {
                         killed_at = Some(std::time::Instant::now());
                     }
                 }
-                Ok(PoolEvent::Event(GenerateEvent::Final(f))) => panic!("finished although its only worker died: {f:?}"),
+                Ok(PoolEvent::Event(GenerateEvent::Final(f))) => {
+                    panic!("finished although its only worker died: {f:?}")
+                }
                 Ok(PoolEvent::Started) => {}
                 Err(e) => break e,
             }
@@ -318,14 +353,24 @@ async fn a_worker_over_its_memory_limit_is_recycled_after_finishing_its_streams(
         // 100 tokens leak 400 MiB: far past the limit, which a healthy worker never reaches.
         c.pool.max_worker_rss_bytes = rss + (200 << 20);
         let proxy = worker_bin().with_file_name("mlx-serving-faultworker");
-        c.pool.worker_command = vec![proxy.display().to_string(), "--fault".into(), "leak-per-token:4194304".into(), "--".into(), worker_bin().display().to_string()];
+        c.pool.worker_command = vec![
+            proxy.display().to_string(),
+            "--fault".into(),
+            "leak-per-token:4194304".into(),
+            "--".into(),
+            worker_bin().display().to_string(),
+        ];
         let pool = started(c).await;
         let first_pid = pid_of(&pool, 0);
         let got = collect(&pool, request("leaky", "Memory grows", 100)).await;
         assert!(got.last.is_ok(), "{:?}", got.last);
         assert_eq!(got.tokens, expected, "the stream in flight finished unbroken");
         assert!(
-            eventually(Duration::from_secs(30), || pool.status().workers[0].last_crash.as_ref().is_some_and(|c| c.reason.starts_with("memory:"))).await,
+            eventually(Duration::from_secs(30), || pool.status().workers[0]
+                .last_crash
+                .as_ref()
+                .is_some_and(|c| c.reason.starts_with("memory:")))
+            .await,
             "no memory recycle recorded: {:?}",
             pool.status().workers[0].last_crash
         );

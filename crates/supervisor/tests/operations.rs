@@ -91,7 +91,8 @@ async fn drain_prefetch_unload_and_idle_unload_show_in_status() {
         assert!(pool.drain(99).unwrap_err().to_string().contains("no worker with id 99"));
 
         // Prefetch m2 on worker 1 only.
-        let memory_of = |id: u64| pool.status().workers.iter().find(|w| w.id == id).and_then(|w| w.memory).map_or(0, |m| m.active);
+        let memory_of =
+            |id: u64| pool.status().workers.iter().find(|w| w.id == id).and_then(|w| w.memory).map_or(0, |m| m.active);
         // A baseline from after the last request's memory is gone: two heartbeats 300 ms apart
         // that agree.
         let mut before = memory_of(1);
@@ -113,7 +114,8 @@ async fn drain_prefetch_unload_and_idle_unload_show_in_status() {
         assert!(m2_bytes > 1_000_000);
         assert!(
             eventually(Duration::from_secs(5), || memory_of(1) >= before + m2_bytes).await,
-            "MLX memory did not grow by the model's weights after the load: before {before} now {} m2 {m2_bytes}", memory_of(1)
+            "MLX memory did not grow by the model's weights after the load: before {before} now {} m2 {m2_bytes}",
+            memory_of(1)
         );
         let loaded = memory_of(1);
 
@@ -193,7 +195,9 @@ async fn waiting_requests_are_served_by_priority_then_arrival() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for (class, priority) in [("background", Priority::Background), ("default", Priority::Default), ("urgent", Priority::Urgent)] {
+        for (class, priority) in
+            [("background", Priority::Background), ("default", Priority::Default), ("urgent", Priority::Urgent)]
+        {
             for i in 0..3 {
                 let (pool, order) = (pool.clone(), order.clone());
                 let name = format!("{class}-{i}");
@@ -215,7 +219,17 @@ async fn waiting_requests_are_served_by_priority_then_arrival() {
         let order = order.lock().unwrap().clone();
         assert_eq!(
             order,
-            ["urgent-0", "urgent-1", "urgent-2", "default-0", "default-1", "default-2", "background-0", "background-1", "background-2"]
+            [
+                "urgent-0",
+                "urgent-1",
+                "urgent-2",
+                "default-0",
+                "default-1",
+                "default-2",
+                "background-0",
+                "background-1",
+                "background-2"
+            ]
         );
         pool.shutdown(Duration::from_secs(5)).await;
     })

@@ -64,7 +64,11 @@ async fn counts(pool: &Pool) -> RequestCounts {
     total
 }
 
-async fn connect(addr: SocketAddr, path: &str, body: &Value) -> (hyper::Response<Incoming>, tokio::task::JoinHandle<()>) {
+async fn connect(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> (hyper::Response<Incoming>, tokio::task::JoinHandle<()>) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     let conn = tokio::spawn(async move {
@@ -90,7 +94,11 @@ struct Answer {
 }
 
 fn text_of(choice: &Value) -> &str {
-    choice["message"]["content"].as_str().or(choice["delta"]["content"].as_str()).or(choice["text"].as_str()).unwrap_or("")
+    choice["message"]["content"]
+        .as_str()
+        .or(choice["delta"]["content"].as_str())
+        .or(choice["text"].as_str())
+        .unwrap_or("")
 }
 
 async fn call(addr: SocketAddr, path: &str, body: &Value) -> Answer {
@@ -99,7 +107,14 @@ async fn call(addr: SocketAddr, path: &str, body: &Value) -> Answer {
     let x_cache = response.headers().get("x-cache").map(|v| v.to_str().unwrap().to_string());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8(bytes.to_vec()).unwrap();
-    let mut a = Answer { status, x_cache, text: String::new(), token_ids: Vec::new(), finish_reason: String::new(), usage: Value::Null };
+    let mut a = Answer {
+        status,
+        x_cache,
+        text: String::new(),
+        token_ids: Vec::new(),
+        finish_reason: String::new(),
+        usage: Value::Null,
+    };
     if status != 200 {
         a.text = text;
         return a;
@@ -159,14 +174,20 @@ fn streaming(mut body: Value) -> Value {
 
 /// The same answer, as far as a client can tell (ids and timestamps aside).
 fn same_output(a: &Answer, b: &Answer) {
-    assert_eq!((a.status, &a.text, &a.token_ids, &a.finish_reason, &a.usage), (b.status, &b.text, &b.token_ids, &b.finish_reason, &b.usage));
+    assert_eq!(
+        (a.status, &a.text, &a.token_ids, &a.finish_reason, &a.usage),
+        (b.status, &b.text, &b.token_ids, &b.finish_reason, &b.usage)
+    );
 }
 
 /// The same output from two generations: a worker's prefix cache may serve one's prompt, so
 /// `cached_tokens` may differ.
 fn same_tokens(a: &Answer, b: &Answer) {
     let counts = |x: &Answer| (x.usage["prompt_tokens"].clone(), x.usage["completion_tokens"].clone());
-    assert_eq!((a.status, &a.text, &a.token_ids, &a.finish_reason, counts(a)), (b.status, &b.text, &b.token_ids, &b.finish_reason, counts(b)));
+    assert_eq!(
+        (a.status, &a.text, &a.token_ids, &a.finish_reason, counts(a)),
+        (b.status, &b.text, &b.token_ids, &b.finish_reason, counts(b))
+    );
 }
 
 /// Waits until no worker runs or queues anything and no request is in flight.
@@ -211,7 +232,11 @@ async fn twenty_identical_greedy_requests_share_one_generation() {
             answers.push(c.await.unwrap());
         }
         let first = &answers[0];
-        assert_eq!((first.status, first.finish_reason.as_str(), first.token_ids.len()), (200, "length", 24), "{first:?}");
+        assert_eq!(
+            (first.status, first.finish_reason.as_str(), first.token_ids.len()),
+            (200, "length", 24),
+            "{first:?}"
+        );
         assert_eq!(first.usage["completion_tokens"], 24);
         assert_eq!(first.x_cache, None, "no x-cache header without the cache");
         for a in &answers {
@@ -299,10 +324,15 @@ async fn sampled_requests_without_a_seed_are_not_coalesced() {
         let hub = api.state.hub.clone();
         assert!(eventually(Duration::from_secs(60), || hub.coalesced() == 1 && pool.queue_depth("m") == 6).await);
         drop(blocker);
-        let answers: Vec<Answer> = futures_util::future::join_all(clients).await.into_iter().map(Result::unwrap).collect();
+        let answers: Vec<Answer> =
+            futures_util::future::join_all(clients).await.into_iter().map(Result::unwrap).collect();
         assert!(answers.iter().all(|a| a.status == 200 && a.token_ids.len() == 4), "{answers:?}");
         same_output(&answers[4], &answers[5]);
-        assert_eq!(counts(&pool).await.accepted - before.accepted, 5, "four sampled requests ran apart, the seeded two together");
+        assert_eq!(
+            counts(&pool).await.accepted - before.accepted,
+            5,
+            "four sampled requests ran apart, the seeded two together"
+        );
         assert_eq!(hub.coalesced(), 1);
         pool.shutdown(Duration::from_secs(5)).await;
     })
@@ -311,7 +341,10 @@ async fn sampled_requests_without_a_seed_are_not_coalesced() {
 }
 
 fn cache(ttl_s: u64) -> HttpConfig {
-    HttpConfig { response_cache: ResponseCacheConfig { enabled: true, max_bytes: 1 << 20, ttl_s }, ..HttpConfig::default() }
+    HttpConfig {
+        response_cache: ResponseCacheConfig { enabled: true, max_bytes: 1 << 20, ttl_s },
+        ..HttpConfig::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

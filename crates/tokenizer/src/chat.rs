@@ -25,10 +25,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -51,25 +48,16 @@ pub(crate) struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; `origin` is the file it came from, for error messages.
-    pub(crate) fn compile(
-        source: String,
-        origin: &Path,
-        tokens: TemplateTokens,
-    ) -> Result<Self, TokenizerError> {
+    pub(crate) fn compile(source: String, origin: &Path, tokens: TemplateTokens) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", |format: String| {
-            crate::strftime::now_utc(&format)
-        });
+        env.add_function("strftime_now", |format: String| crate::strftime::now_utc(&format));
         env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|source| TokenizerError::ChatTemplateSyntax {
-                path: origin.to_owned(),
-                source,
-            })?;
+            .map_err(|source| TokenizerError::ChatTemplateSyntax { path: origin.to_owned(), source })?;
         Ok(ChatTemplate { env, tokens })
     }
 
@@ -119,10 +107,7 @@ mod tests {
     }
 
     fn msgs() -> Vec<ChatMessage> {
-        vec![
-            ChatMessage::new("system", "  Be brief.  "),
-            ChatMessage::new("user", "Hi"),
-        ]
+        vec![ChatMessage::new("system", "  Be brief.  "), ChatMessage::new("user", "Hi")]
     }
 
     #[test]
@@ -130,14 +115,8 @@ mod tests {
         let t = compile(
             "{{ bos_token }}\n{% for m in messages %}\n  {% if m.role == 'user' %}\n[U]{{ m.content }}\n  {% else %}\n[S]{{ m.content | trim }}\n  {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n[A]\n{% endif %}\n",
         );
-        assert_eq!(
-            t.render(&msgs(), true).unwrap(),
-            "<s>\n[S]Be brief.\n[U]Hi\n[A]\n"
-        );
-        assert_eq!(
-            t.render(&msgs(), false).unwrap(),
-            "<s>\n[S]Be brief.\n[U]Hi\n"
-        );
+        assert_eq!(t.render(&msgs(), true).unwrap(), "<s>\n[S]Be brief.\n[U]Hi\n[A]\n");
+        assert_eq!(t.render(&msgs(), false).unwrap(), "<s>\n[S]Be brief.\n[U]Hi\n");
     }
 
     #[test]
@@ -183,9 +162,6 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            err.contains("/m/tokenizer_config.json") && err.contains("compile"),
-            "{err}"
-        );
+        assert!(err.contains("/m/tokenizer_config.json") && err.contains("compile"), "{err}");
     }
 }

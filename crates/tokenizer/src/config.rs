@@ -14,10 +14,7 @@ pub(crate) fn read_optional(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(TokenizerError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(TokenizerError::Read { path: path.to_owned(), source }),
     }
 }
 
@@ -26,10 +23,8 @@ fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, Value>
     let Some(text) = read_optional(path)? else {
         return Ok(None);
     };
-    let value: Value = serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
-        path: path.to_owned(),
-        source,
-    })?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.to_owned(), source })?;
     match value {
         Value::Object(map) => Ok(Some(map)),
         other => Err(TokenizerError::InvalidField {
@@ -52,11 +47,7 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 fn invalid(path: &Path, field: &'static str, problem: String) -> TokenizerError {
-    TokenizerError::InvalidField {
-        path: path.to_owned(),
-        field,
-        problem,
-    }
+    TokenizerError::InvalidField { path: path.to_owned(), field, problem }
 }
 
 /// What this crate uses from `tokenizer_config.json` (and `chat_template.jinja`).
@@ -87,11 +78,7 @@ impl TokenizerConfig {
                 Some(Value::Bool(b)) => Some(*b),
                 Some(other) => {
                     let found = json_kind(other);
-                    return Err(invalid(
-                        &path,
-                        "add_bos_token",
-                        format!("must be a boolean, found {found}"),
-                    ));
+                    return Err(invalid(&path, "add_bos_token", format!("must be a boolean, found {found}")));
                 }
             };
             if let Some(source) = chat_template_field(map.get("chat_template"), &path)? {
@@ -107,29 +94,18 @@ impl TokenizerConfig {
 }
 
 /// A special token given as a string, as an AddedToken-style object `{"content": ...}`, or null.
-fn special_token(
-    map: &serde_json::Map<String, Value>,
-    path: &Path,
-    field: &'static str,
-) -> Result<Option<String>> {
+fn special_token(map: &serde_json::Map<String, Value>, path: &Path, field: &'static str) -> Result<Option<String>> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Object(obj)) => match obj.get("content") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(invalid(
-                path,
-                field,
-                "is an object without a string `content`".into(),
-            )),
+            _ => Err(invalid(path, field, "is an object without a string `content`".into())),
         },
         Some(other) => Err(invalid(
             path,
             field,
-            format!(
-                "must be a string or an object with `content`, found {}",
-                json_kind(other)
-            ),
+            format!("must be a string or an object with `content`, found {}", json_kind(other)),
         )),
     }
 }
@@ -154,19 +130,12 @@ fn chat_template_field(value: Option<&Value>, path: &Path) -> Result<Option<Stri
                 }
                 names.push(name.to_owned());
             }
-            Err(invalid(
-                path,
-                FIELD,
-                format!("has no template named \"default\" (found {names:?})"),
-            ))
+            Err(invalid(path, FIELD, format!("has no template named \"default\" (found {names:?})")))
         }
         Some(other) => Err(invalid(
             path,
             FIELD,
-            format!(
-                "must be a string or a list of named templates, found {}",
-                json_kind(other)
-            ),
+            format!("must be a string or a list of named templates, found {}", json_kind(other)),
         )),
     }
 }
@@ -189,13 +158,7 @@ fn eos_ids(value: Option<&Value>, path: &Path) -> Result<Vec<u32>> {
     let as_id = |v: &Value| -> Result<u32> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| {
-                invalid(
-                    path,
-                    FIELD,
-                    format!("must hold non-negative 32-bit integers, found {v}"),
-                )
-            })
+            .ok_or_else(|| invalid(path, FIELD, format!("must hold non-negative 32-bit integers, found {v}")))
     };
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -217,10 +180,7 @@ mod tests {
         assert!(eos_ids(Some(&json!(null)), p).unwrap().is_empty());
         assert!(eos_ids(None, p).unwrap().is_empty());
         let err = eos_ids(Some(&json!("x")), p).unwrap_err().to_string();
-        assert!(
-            err.contains("config.json") && err.contains("eos_token_id"),
-            "{err}"
-        );
+        assert!(err.contains("config.json") && err.contains("eos_token_id"), "{err}");
         assert!(eos_ids(Some(&json!([-1])), p).is_err());
     }
 
@@ -240,12 +200,8 @@ mod tests {
     #[test]
     fn chat_template_list_form_picks_default() {
         let p = Path::new("tokenizer_config.json");
-        let v =
-            json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]);
-        assert_eq!(
-            chat_template_field(Some(&v), p).unwrap().as_deref(),
-            Some("D")
-        );
+        let v = json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]);
+        assert_eq!(chat_template_field(Some(&v), p).unwrap().as_deref(), Some("D"));
         let v = json!([{"name": "tool_use", "template": "T"}]);
         let err = chat_template_field(Some(&v), p).unwrap_err().to_string();
         assert!(err.contains("default") && err.contains("tool_use"), "{err}");

@@ -85,15 +85,9 @@ impl StreamDecoder {
     pub fn push(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
         let Some(token) = self.tokenizer.id_to_token(id) else {
             let size = self.tokenizer.get_vocab_size(true);
-            return Err(TokenizerError::Decode(format!(
-                "token id {id} is outside the vocabulary (size {size})"
-            )));
+            return Err(TokenizerError::Decode(format!("token id {id} is outside the vocabulary (size {size})")));
         };
-        let skipped = self.skip_special_tokens
-            && self
-                .tokenizer
-                .get_added_vocabulary()
-                .is_special_token(&token);
+        let skipped = self.skip_special_tokens && self.tokenizer.get_added_vocabulary().is_special_token(&token);
         if !skipped {
             self.open_byte_run = self.byte_fallback && is_byte_token(&token);
         }
@@ -127,9 +121,7 @@ impl StreamDecoder {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.tokenizer
-            .decode(ids, self.skip_special_tokens)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.tokenizer.decode(ids, self.skip_special_tokens).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 }
 
@@ -137,9 +129,7 @@ impl StreamDecoder {
 fn uses_byte_fallback(decoder: &tokenizers::DecoderWrapper) -> bool {
     match decoder {
         tokenizers::DecoderWrapper::ByteFallback(_) => true,
-        tokenizers::DecoderWrapper::Sequence(seq) => {
-            seq.get_decoders().iter().any(uses_byte_fallback)
-        }
+        tokenizers::DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(uses_byte_fallback),
         _ => false,
     }
 }
@@ -187,11 +177,7 @@ mod tests {
                 assert!(!d.is_empty());
                 deltas.push(d);
             }
-            assert!(
-                dec.ids.len() <= 2 * MAX_PENDING_TOKENS + 1,
-                "window grew to {}",
-                dec.ids.len()
-            );
+            assert!(dec.ids.len() <= 2 * MAX_PENDING_TOKENS + 1, "window grew to {}", dec.ids.len());
         }
         let rest = dec.finish().unwrap();
         (deltas, rest)
@@ -203,9 +189,7 @@ mod tests {
         let text = "café naïve — 東京 🙂🙂 👍🏽 🚀🚀🚀 «東京タワー» Ελληνικά";
         let ids = tok.encode(text, false).unwrap();
         // The tokenizer really does split characters over tokens.
-        let lone = ids
-            .iter()
-            .filter(|&&id| tok.decode(&[id], false).unwrap().contains(REPLACEMENT));
+        let lone = ids.iter().filter(|&&id| tok.decode(&[id], false).unwrap().contains(REPLACEMENT));
         assert!(lone.count() > 0);
         let (deltas, rest) = stream(&tok, &ids, false);
         for d in &deltas {
@@ -226,11 +210,7 @@ mod tests {
             for skip in [false, true] {
                 let (deltas, rest) = stream(&tok, &ids, skip);
                 let streamed = deltas.concat() + &rest;
-                assert_eq!(
-                    streamed,
-                    tok.decode(&ids, skip).unwrap(),
-                    "case {case} skip {skip} ids {ids:?}"
-                );
+                assert_eq!(streamed, tok.decode(&ids, skip).unwrap(), "case {case} skip {skip} ids {ids:?}");
             }
         }
     }
@@ -314,28 +294,19 @@ mod tests {
         let first = &deltas[0];
         assert_eq!(first.chars().count(), MAX_PENDING_TOKENS + 1);
         assert!(first.chars().all(|c| c == REPLACEMENT));
-        assert_eq!(
-            deltas.concat() + &dec.finish().unwrap(),
-            tok.decode(&ids, false).unwrap()
-        );
+        assert_eq!(deltas.concat() + &dec.finish().unwrap(), tok.decode(&ids, false).unwrap());
     }
 
     #[test]
     fn sentencepiece_spaces_and_byte_fallback() {
         let dir = ModelDir::empty();
-        dir.write(
-            "tokenizer.json",
-            &crate::test_support::sentencepiece_tokenizer_json(),
-        );
+        dir.write("tokenizer.json", &crate::test_support::sentencepiece_tokenizer_json());
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         let text = "ab a  東京 é🙂 c";
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         let (deltas, rest) = stream(&tok, &ids, false);
-        assert!(
-            deltas.iter().all(|d| !d.contains(REPLACEMENT)),
-            "{deltas:?}"
-        );
+        assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)), "{deltas:?}");
         assert_eq!(deltas.concat() + &rest, text);
 
         let vocab = tok.vocab_size() as u64;
@@ -352,11 +323,7 @@ mod tests {
             for skip in [false, true] {
                 let (deltas, rest) = stream(&tok, &ids, skip);
                 let expected = tok.decode(&ids, skip).unwrap();
-                assert_eq!(
-                    deltas.concat() + &rest,
-                    expected,
-                    "case {case} skip {skip} ids {ids:?}"
-                );
+                assert_eq!(deltas.concat() + &rest, expected, "case {case} skip {skip} ids {ids:?}");
             }
         }
     }

@@ -43,10 +43,7 @@ impl StopMatcher {
     /// [`MAX_STOP_STRING_BYTES`] long. An empty list is valid and matches nothing.
     pub fn new(stops: Vec<String>) -> Result<Self, StopStringError> {
         if stops.len() > MAX_STOP_STRINGS {
-            return Err(StopStringError::TooMany {
-                count: stops.len(),
-                max: MAX_STOP_STRINGS,
-            });
+            return Err(StopStringError::TooMany { count: stops.len(), max: MAX_STOP_STRINGS });
         }
         for (index, stop) in stops.iter().enumerate() {
             if stop.is_empty() {
@@ -57,45 +54,28 @@ impl StopMatcher {
                 return Err(StopStringError::TooLong { index, len, max });
             }
         }
-        Ok(StopMatcher {
-            stops,
-            held: String::new(),
-            stopped: None,
-        })
+        Ok(StopMatcher { stops, held: String::new(), stopped: None })
     }
 
     /// Adds a delta of generated text; returns what can be emitted and whether a stop was hit.
     pub fn push(&mut self, delta: &str) -> StopOutcome {
         if let Some(stop) = self.stopped {
-            return StopOutcome {
-                text: String::new(),
-                stop: Some(stop),
-            };
+            return StopOutcome { text: String::new(), stop: Some(stop) };
         }
         self.held.push_str(delta);
 
         // The earliest match wins; at equal positions, the first in the list.
-        let hit = self
-            .stops
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|pos| (pos, i)))
-            .min();
+        let hit =
+            self.stops.iter().enumerate().filter_map(|(i, s)| self.held.find(s.as_str()).map(|pos| (pos, i))).min();
         if let Some((pos, index)) = hit {
             self.held.truncate(pos);
             self.stopped = Some(index);
-            return StopOutcome {
-                text: std::mem::take(&mut self.held),
-                stop: Some(index),
-            };
+            return StopOutcome { text: std::mem::take(&mut self.held), stop: Some(index) };
         }
 
         let keep = self.longest_partial_suffix();
         let rest = self.held.split_off(self.held.len() - keep);
-        StopOutcome {
-            text: std::mem::replace(&mut self.held, rest),
-            stop: None,
-        }
+        StopOutcome { text: std::mem::replace(&mut self.held, rest), stop: None }
     }
 
     /// Returns the text still held back, at the end of generation. Empty after a stop was hit.
@@ -111,9 +91,7 @@ impl StopMatcher {
             .iter()
             .filter_map(|stop| {
                 let max = (stop.len() - 1).min(held.len());
-                (1..=max)
-                    .rev()
-                    .find(|&k| held.ends_with(&stop.as_bytes()[..k]))
+                (1..=max).rev().find(|&k| held.ends_with(&stop.as_bytes()[..k]))
             })
             .max()
             .unwrap_or(0)
@@ -146,10 +124,7 @@ mod tests {
     #[test]
     fn passes_text_through_without_stops() {
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
-        assert_eq!(
-            run(&["xyz"], &["hello", " world"]),
-            ("hello world".into(), None)
-        );
+        assert_eq!(run(&["xyz"], &["hello", " world"]), ("hello world".into(), None));
     }
 
     #[test]
@@ -159,10 +134,7 @@ mod tests {
 
     #[test]
     fn stops_across_deltas() {
-        assert_eq!(
-            run(&["<|end|>"], &["hi <", "|e", "nd", "|> more"]),
-            ("hi ".into(), Some(0))
-        );
+        assert_eq!(run(&["<|end|>"], &["hi <", "|e", "nd", "|> more"]), ("hi ".into(), Some(0)));
     }
 
     #[test]
@@ -188,14 +160,8 @@ mod tests {
 
     #[test]
     fn multibyte_stop_strings() {
-        assert_eq!(
-            run(&["東京"], &["行く東", "京へ"]),
-            ("行く".into(), Some(0))
-        );
-        assert_eq!(
-            run(&["🙂!"], &["ok 🙂", " and 🙂", "!"]),
-            ("ok 🙂 and ".into(), Some(0))
-        );
+        assert_eq!(run(&["東京"], &["行く東", "京へ"]), ("行く".into(), Some(0)));
+        assert_eq!(run(&["🙂!"], &["ok 🙂", " and 🙂", "!"]), ("ok 🙂 and ".into(), Some(0)));
     }
 
     #[test]
@@ -209,15 +175,9 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert_eq!(
-            StopMatcher::new(vec!["a".into(), String::new()]).unwrap_err(),
-            StopStringError::Empty { index: 1 }
-        );
+        assert_eq!(StopMatcher::new(vec!["a".into(), String::new()]).unwrap_err(), StopStringError::Empty { index: 1 });
         let many = vec!["s".to_string(); MAX_STOP_STRINGS + 1];
-        assert!(matches!(
-            StopMatcher::new(many),
-            Err(StopStringError::TooMany { .. })
-        ));
+        assert!(matches!(StopMatcher::new(many), Err(StopStringError::TooMany { .. })));
         let long = "x".repeat(MAX_STOP_STRING_BYTES + 1);
         let err = StopMatcher::new(vec![long]).unwrap_err();
         assert!(matches!(err, StopStringError::TooLong { index: 0, .. }));
@@ -231,9 +191,7 @@ mod tests {
         let text = "one <|im_end|> two é東🙂 <|im_e";
         let stops = ["<|im_end|>", "東🙂 x", "é東🙂 <"];
         let whole = run(&stops, &[text]);
-        let bounds: Vec<usize> = (0..=text.len())
-            .filter(|&i| text.is_char_boundary(i))
-            .collect();
+        let bounds: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
         for &a in &bounds {
             for &b in bounds.iter().filter(|&&b| b >= a) {
                 let parts = [&text[..a], &text[a..b], &text[b..]];

@@ -18,15 +18,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Broken-down UTC time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +45,7 @@ impl DateTime {
         // 1970-01-01 was a Thursday (3 when Monday is 0).
         let weekday = (days + 3).rem_euclid(7) as u32;
         let day_of_year = (days - days_from_civil(year, 1, 1) + 1) as u32;
-        DateTime {
-            year,
-            month,
-            day,
-            hour: rem / 3600,
-            minute: rem / 60 % 60,
-            second: rem % 60,
-            weekday,
-            day_of_year,
-        }
+        DateTime { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60, weekday, day_of_year }
     }
 }
 
@@ -119,11 +102,7 @@ pub(crate) fn format_unix(secs: i64, format: &str) -> String {
         }
         // Writing to a String cannot fail.
         let num = |out: &mut String, v: i64, width: usize| {
-            let _ = if no_pad {
-                write!(out, "{v}")
-            } else {
-                write!(out, "{v:0width$}")
-            };
+            let _ = if no_pad { write!(out, "{v}") } else { write!(out, "{v:0width$}") };
         };
         match spec {
             Some('Y') => num(&mut out, t.year, 4),
@@ -131,11 +110,7 @@ pub(crate) fn format_unix(secs: i64, format: &str) -> String {
             Some('m') => num(&mut out, t.month.into(), 2),
             Some('d') => num(&mut out, t.day.into(), 2),
             Some('e') => {
-                let _ = if no_pad {
-                    write!(out, "{}", t.day)
-                } else {
-                    write!(out, "{:2}", t.day)
-                };
+                let _ = if no_pad { write!(out, "{}", t.day) } else { write!(out, "{:2}", t.day) };
             }
             Some('H') => num(&mut out, t.hour.into(), 2),
             Some('I') => num(&mut out, ((t.hour + 11) % 12 + 1).into(), 2),
@@ -180,14 +155,8 @@ mod tests {
         // 2024-07-23 14:05:09 UTC, a Tuesday.
         let t = 1_721_743_509;
         assert_eq!(format_unix(t, "%d %b %Y"), "23 Jul 2024");
-        assert_eq!(
-            format_unix(t, "%A %B %-d, %Y %H:%M:%S %p"),
-            "Tuesday July 23, 2024 14:05:09 PM"
-        );
-        assert_eq!(
-            format_unix(t, "%F %T %j %I %y %%"),
-            "2024-07-23 14:05:09 205 02 24 %"
-        );
+        assert_eq!(format_unix(t, "%A %B %-d, %Y %H:%M:%S %p"), "Tuesday July 23, 2024 14:05:09 PM");
+        assert_eq!(format_unix(t, "%F %T %j %I %y %%"), "2024-07-23 14:05:09 205 02 24 %");
         assert_eq!(format_unix(0, "%a %Y-%m-%d %e"), "Thu 1970-01-01  1");
         // Leap day, and before the epoch.
         assert_eq!(format_unix(951_782_400, "%F %a"), "2000-02-29 Tue");

@@ -34,22 +34,16 @@ pub(crate) fn tokenizer_json() -> &'static str {
             .min_frequency(1)
             .show_progress(false)
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .special_tokens(
-                SPECIALS
-                    .iter()
-                    .map(|s| AddedToken::from(*s, true))
-                    .collect(),
-            )
+            .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
             .build();
-        let mut tok =
-            TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-                .with_model(BPE::default())
-                .with_normalizer(None)
-                .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-                .with_post_processor(Some(ByteLevel::default()))
-                .with_decoder(Some(ByteLevel::default()))
-                .build()
-                .expect("build tokenizer");
+        let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_post_processor(Some(ByteLevel::default()))
+            .with_decoder(Some(ByteLevel::default()))
+            .build()
+            .expect("build tokenizer");
         let corpus = CORPUS.iter().cycle().take(CORPUS.len() * 20);
         tok.train(&mut trainer, corpus).expect("train tokenizer");
         tok.to_string(false).expect("serialise tokenizer")
@@ -67,18 +61,7 @@ pub(crate) fn sentencepiece_tokenizer_json() -> String {
     for b in 0..=255u32 {
         vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
     }
-    let pieces = [
-        "\u{2581}",
-        "a",
-        "b",
-        "c",
-        "é",
-        "東",
-        "\u{2581}a",
-        "ab",
-        "\u{2581}ab",
-        "\u{2581}\u{2581}",
-    ];
+    let pieces = ["\u{2581}", "a", "b", "c", "é", "東", "\u{2581}a", "ab", "\u{2581}ab", "\u{2581}\u{2581}"];
     for (i, t) in pieces.iter().enumerate() {
         vocab.insert(t.to_string(), (259 + i).into());
     }
@@ -147,10 +130,7 @@ impl ModelDir {
             "add_bos_token": false,
         });
         dir.write("tokenizer_config.json", &config.to_string());
-        dir.write(
-            "config.json",
-            r#"{"model_type": "qwen3", "eos_token_id": 0}"#,
-        );
+        dir.write("config.json", r#"{"model_type": "qwen3", "eos_token_id": 0}"#);
         dir
     }
 
@@ -174,10 +154,7 @@ pub(crate) struct Lcg(pub u64);
 
 impl Lcg {
     pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
 }

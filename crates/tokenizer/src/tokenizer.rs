@@ -45,9 +45,7 @@ impl Tokenizer {
     /// of `eos_token`. Every error names the file and, where it applies, the field.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(TokenizerError::NotADirectory {
-                path: dir.to_owned(),
-            });
+            return Err(TokenizerError::NotADirectory { path: dir.to_owned() });
         }
         let inner = load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let config = TokenizerConfig::read(dir)?;
@@ -60,9 +58,7 @@ impl Tokenizer {
                 None => Err(TokenizerError::InvalidField {
                     path: config_path.clone(),
                     field,
-                    problem: format!(
-                        "names {token:?}, which is not in tokenizer.json's vocabulary"
-                    ),
+                    problem: format!("names {token:?}, which is not in tokenizer.json's vocabulary"),
                 }),
             }
         };
@@ -70,10 +66,7 @@ impl Tokenizer {
         let eos_from_config = token_id("eos_token", &config.eos_token)?;
 
         let mut eos_token_ids = Vec::new();
-        for id in config::eos_token_ids_from_model_configs(dir)?
-            .into_iter()
-            .chain(eos_from_config)
-        {
+        for id in config::eos_token_ids_from_model_configs(dir)?.into_iter().chain(eos_from_config) {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
             }
@@ -103,10 +96,8 @@ impl Tokenizer {
     /// its special tokens (typically BOS), adjusted by `add_bos_token` from
     /// `tokenizer_config.json` when that is set.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let encoding =
+            self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let mut ids = encoding.get_ids().to_vec();
         if add_special_tokens && let Some(bos) = self.bos_token_id {
             let added_by_post_processor =
@@ -130,9 +121,7 @@ impl Tokenizer {
                 self.vocab_size()
             )));
         }
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// A decoder that turns ids, one at a time, into text deltas that never split a character.
@@ -172,39 +161,23 @@ impl Tokenizer {
 
     /// Renders a conversation with the model's chat template, as Hugging Face's
     /// `apply_chat_template(..., tokenize=False)` does.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
         template.render(messages, add_generation_prompt)
     }
 
     /// Renders a conversation and encodes it without adding special tokens (the template writes
     /// them), as Hugging Face's `apply_chat_template(..., tokenize=True)` does.
-    pub fn encode_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>> {
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
         let prompt = self.apply_chat_template(messages, add_generation_prompt)?;
         self.encode(&prompt, false)
     }
 }
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
-    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::TokenizerFile {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Read { path: path.to_owned(), source })?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| TokenizerError::TokenizerFile { path: path.to_owned(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -259,10 +232,7 @@ mod tests {
         let endoftext = load(&dir).token_to_id("<|endoftext|>").unwrap();
         let im_end = load(&dir).token_to_id("<|im_end|>").unwrap();
         assert_eq!(load(&dir).eos_token_ids(), &[endoftext, im_end]);
-        dir.write(
-            "generation_config.json",
-            &format!(r#"{{"eos_token_id": [{im_end}, 77]}}"#),
-        );
+        dir.write("generation_config.json", &format!(r#"{{"eos_token_id": [{im_end}, 77]}}"#));
         assert_eq!(load(&dir).eos_token_ids(), &[endoftext, im_end, 77]);
     }
 
@@ -277,23 +247,13 @@ mod tests {
         let without = tok.encode("hello", false).unwrap();
         assert_eq!(with[0], bos);
         assert_eq!(&with[1..], &without[..]);
-        assert_eq!(
-            tok.encode("<|endoftext|>x", true)
-                .unwrap()
-                .iter()
-                .filter(|&&i| i == bos)
-                .count(),
-            1
-        );
+        assert_eq!(tok.encode("<|endoftext|>x", true).unwrap().iter().filter(|&&i| i == bos).count(), 1);
     }
 
     #[test]
     fn add_bos_token_false_removes_the_post_processor_bos() {
         let dir = ModelDir::empty();
-        dir.write(
-            "tokenizer.json",
-            &crate::test_support::sentencepiece_tokenizer_json(),
-        );
+        dir.write("tokenizer.json", &crate::test_support::sentencepiece_tokenizer_json());
         let with_bos = |add: Option<bool>| {
             let config = serde_json::json!({"bos_token": "<s>", "add_bos_token": add});
             dir.write("tokenizer_config.json", &config.to_string());
@@ -310,10 +270,7 @@ mod tests {
     fn renders_chat_template_and_encodes_it() {
         let dir = ModelDir::chatml();
         let tok = load(&dir);
-        let messages = [
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", SAMPLE),
-        ];
+        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", SAMPLE)];
         let prompt = tok.apply_chat_template(&messages, true).unwrap();
         assert_eq!(
             prompt,
@@ -325,11 +282,7 @@ mod tests {
         assert_eq!(ids, tok.encode(&prompt, false).unwrap());
         let im_start = tok.token_to_id("<|im_start|>").unwrap();
         assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3);
-        assert!(
-            !tok.apply_chat_template(&messages, false)
-                .unwrap()
-                .ends_with("assistant\n")
-        );
+        assert!(!tok.apply_chat_template(&messages, false).unwrap().ends_with("assistant\n"));
     }
 
     #[test]
@@ -337,11 +290,7 @@ mod tests {
         let dir = ModelDir::chatml();
         dir.write("chat_template.jinja", "{{ messages | length }} messages\n");
         let tok = load(&dir);
-        assert_eq!(
-            tok.apply_chat_template(&[ChatMessage::new("user", "x")], true)
-                .unwrap(),
-            "1 messages"
-        );
+        assert_eq!(tok.apply_chat_template(&[ChatMessage::new("user", "x")], true).unwrap(), "1 messages");
     }
 
     #[test]
@@ -355,10 +304,7 @@ mod tests {
             "eos_token": {"content": "<|im_end|>"},
         });
         dir.write("tokenizer_config.json", &config.to_string());
-        assert_eq!(
-            load(&dir).apply_chat_template(&[], false).unwrap(),
-            "<|im_end|>|"
-        );
+        assert_eq!(load(&dir).apply_chat_template(&[], false).unwrap(), "<|im_end|>|");
     }
 
     #[test]
@@ -380,10 +326,7 @@ mod tests {
         let e = Tokenizer::from_dir(&missing).unwrap_err().to_string();
         assert!(e.contains("does not exist") && e.contains("nope"), "{e}");
         let e = err(&dir);
-        assert!(
-            e.contains("tokenizer.json") && e.contains("cannot read"),
-            "{e}"
-        );
+        assert!(e.contains("tokenizer.json") && e.contains("cannot read"), "{e}");
     }
 
     #[test]
@@ -394,10 +337,7 @@ mod tests {
         assert!(e.contains("tokenizer.json") && e.contains("line 1"), "{e}");
         dir.write("tokenizer.json", r#"{"model": {"type": "Nonsense"}}"#);
         let e = err(&dir);
-        assert!(
-            e.contains("cannot load tokenizer from") && e.contains("tokenizer.json"),
-            "{e}"
-        );
+        assert!(e.contains("cannot load tokenizer from") && e.contains("tokenizer.json"), "{e}");
     }
 
     #[test]
@@ -409,12 +349,7 @@ mod tests {
 
         dir.write("tokenizer_config.json", r#"{"eos_token": "<|nope|>"}"#);
         let e = err(&dir);
-        assert!(
-            e.contains("tokenizer_config.json")
-                && e.contains("`eos_token`")
-                && e.contains("<|nope|>"),
-            "{e}"
-        );
+        assert!(e.contains("tokenizer_config.json") && e.contains("`eos_token`") && e.contains("<|nope|>"), "{e}");
 
         dir.write("tokenizer_config.json", r#"{"add_bos_token": "yes"}"#);
         assert!(err(&dir).contains("`add_bos_token`"));
@@ -422,10 +357,7 @@ mod tests {
         dir.write("tokenizer_config.json", "{}");
         dir.write("config.json", r#"{"eos_token_id": "two"}"#);
         let e = err(&dir);
-        assert!(
-            e.contains("config.json") && e.contains("`eos_token_id`"),
-            "{e}"
-        );
+        assert!(e.contains("config.json") && e.contains("`eos_token_id`"), "{e}");
         dir.write("config.json", "7");
         assert!(err(&dir).contains("must be a JSON object"));
     }
@@ -436,10 +368,7 @@ mod tests {
         let config = serde_json::json!({"chat_template": "{% for m in messages %}{{ m.content }"});
         dir.write("tokenizer_config.json", &config.to_string());
         let e = err(&dir);
-        assert!(
-            e.contains("chat template") && e.contains("tokenizer_config.json"),
-            "{e}"
-        );
+        assert!(e.contains("chat template") && e.contains("tokenizer_config.json"), "{e}");
     }
 
     #[test]
@@ -448,20 +377,12 @@ mod tests {
         let template = format!(
             "{{% if messages[0]['role'] == 'system' %}}{{{{ raise_exception('System role not supported') }}}}{{% endif %}}{CHATML}"
         );
-        dir.write(
-            "tokenizer_config.json",
-            &serde_json::json!({"chat_template": template}).to_string(),
-        );
+        dir.write("tokenizer_config.json", &serde_json::json!({"chat_template": template}).to_string());
         let tok = load(&dir);
-        let e = tok
-            .apply_chat_template(&[ChatMessage::new("system", "x")], true)
-            .unwrap_err();
+        let e = tok.apply_chat_template(&[ChatMessage::new("system", "x")], true).unwrap_err();
         assert!(matches!(e, TokenizerError::ChatTemplateRender { .. }));
         assert!(e.to_string().contains("System role not supported"), "{e}");
-        assert!(
-            tok.apply_chat_template(&[ChatMessage::new("user", "x")], true)
-                .is_ok()
-        );
+        assert!(tok.apply_chat_template(&[ChatMessage::new("user", "x")], true).is_ok());
     }
 
     #[test]
@@ -469,10 +390,7 @@ mod tests {
         let dir = ModelDir::chatml();
         let tok = load(&dir);
         let e = tok.decode(&[1, 1_000_000], false).unwrap_err().to_string();
-        assert!(
-            e.contains("1000000") && e.contains("outside the vocabulary"),
-            "{e}"
-        );
+        assert!(e.contains("1000000") && e.contains("outside the vocabulary"), "{e}");
         assert!(tok.stream_decoder(false).push(1_000_000).is_err());
     }
 }

@@ -7,15 +7,11 @@ use std::path::PathBuf;
 use mlx_serving_tokenizer::{ChatMessage, Tokenizer};
 
 fn fixture_dir() -> Option<PathBuf> {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3-bf16");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3-bf16");
     if dir.join("tokenizer.json").is_file() {
         Some(dir)
     } else {
-        eprintln!(
-            "skipping: {} has no tokenizer.json (fixture not generated)",
-            dir.display()
-        );
+        eprintln!("skipping: {} has no tokenizer.json (fixture not generated)", dir.display());
         None
     }
 }

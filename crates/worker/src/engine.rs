@@ -31,15 +31,37 @@ pub struct EngineConfig {
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;
 
 pub enum Command {
-    Load { model: String, path: PathBuf, reply: Reply<ModelInfo> },
-    Unload { model: String, reply: Reply<Unloaded> },
-    List { reply: Reply<Vec<ModelInfo>> },
+    Load {
+        model: String,
+        path: PathBuf,
+        reply: Reply<ModelInfo>,
+    },
+    Unload {
+        model: String,
+        reply: Reply<Unloaded>,
+    },
+    List {
+        reply: Reply<Vec<ModelInfo>>,
+    },
     /// Admits or refuses a request; once admitted, its events go to `events`, the last one final.
-    Generate { request: GenerateRequest, arrived: Instant, events: mpsc::UnboundedSender<GenerateEvent>, reply: Reply<()> },
-    Cancel { id: String, reply: Reply<bool> },
-    Stats { reply: Reply<Stats> },
+    Generate {
+        request: GenerateRequest,
+        arrived: Instant,
+        events: mpsc::UnboundedSender<GenerateEvent>,
+        reply: Reply<()>,
+    },
+    Cancel {
+        id: String,
+        reply: Reply<bool>,
+    },
+    Stats {
+        reply: Reply<Stats>,
+    },
     /// Stop admitting; cancel what still runs at `deadline`; then the engine thread ends.
-    Shutdown { deadline: Instant, reply: Reply<ShutdownAck> },
+    Shutdown {
+        deadline: Instant,
+        reply: Reply<ShutdownAck>,
+    },
     /// Nothing to do: wakes an idle engine thread, which then publishes fresh figures (its
     /// memory drops as MLX finishes work the thread no longer waits for).
     Refresh,

@@ -16,7 +16,11 @@ pub fn rss_bytes() -> u64 {
     let (Ok(mut sys), Ok(pid)) = (System::new(), sysinfo::get_current_pid()) else {
         return 0;
     };
-    sys.refresh_processes_specifics(ProcessesToUpdate::Some(&[pid]), false, ProcessRefreshKind::nothing().with_memory());
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        false,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
     sys.process(pid).map_or(0, |p| p.memory())
 }
 

@@ -87,9 +87,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
     exit_with_parent();
@@ -184,11 +182,16 @@ async fn serve(args: Args, config: EngineConfig) -> Result<()> {
 
     let (out, lines) = mpsc::channel::<String>(4096);
     let writer = tokio::spawn(server::write_lines(lines, tokio::io::stdout()));
-    let heartbeat =
-        tokio::spawn(heartbeat::run(shared.clone(), Duration::from_millis(args.heartbeat_ms), out.clone(), engine.clone()));
+    let heartbeat = tokio::spawn(heartbeat::run(
+        shared.clone(),
+        Duration::from_millis(args.heartbeat_ms),
+        out.clone(),
+        engine.clone(),
+    ));
     let module = Arc::new(rpc::Worker { engine: engine.clone(), handshake }.into_rpc());
     let tracker = TaskTracker::new();
-    let mut reader = tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));
+    let mut reader =
+        tokio::spawn(server::read_requests(tokio::io::stdin(), max_line_bytes, module, out, tracker.clone()));
 
     tokio::select! {
         _ = &mut engine_done => tracing::info!("shutdown complete"),

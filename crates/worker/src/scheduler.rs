@@ -39,7 +39,11 @@ struct Loaded {
 impl Loaded {
     /// Takes the rows of `gone` out of the batch. A row whose sequence `history` gives (its
     /// prompt and accepted tokens) leaves its keys and values to the prefix cache.
-    fn retire<'a>(&mut self, gone: &[u64], history: impl Fn(u64) -> Option<&'a [u32]>) -> mlx_serving_engine::Result<()> {
+    fn retire<'a>(
+        &mut self,
+        gone: &[u64],
+        history: impl Fn(u64) -> Option<&'a [u32]>,
+    ) -> mlx_serving_engine::Result<()> {
         let caching = self.prefix.enabled();
         for (key, kv) in self.batch.remove(gone, |k| caching && history(k).is_some())? {
             if let Some(tokens) = history(key).and_then(|h| h.get(..kv.offset().max(0) as usize)) {
@@ -321,10 +325,8 @@ impl Scheduler {
             if l.path == path {
                 return Ok(self.model_info(&name, l));
             }
-            return Err(ErrorCode::InvalidRequestParams.error(format!(
-                "model `{name}` is already loaded from {}; unload it first",
-                l.path.display()
-            )));
+            return Err(ErrorCode::InvalidRequestParams
+                .error(format!("model `{name}` is already loaded from {}; unload it first", l.path.display())));
         }
         let mut model = Model::load_with(&path, self.config.load)
             .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
@@ -423,7 +425,10 @@ impl Scheduler {
         let remaining = GenerateParams { max_tokens: (params.max_tokens - resumed).max(1), ..params.clone() };
         model.check_request(prompt.len(), &remaining).map_err(engine_error)?;
         if request.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(invalid(format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}", request.top_logprobs)));
+            return Err(invalid(format!(
+                "`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}",
+                request.top_logprobs
+            )));
         }
         let reserve = (prompt.len() + remaining.max_tokens) as u64 * loaded.kv_per_token;
         if reserve > self.config.kv_cache_bytes {
@@ -435,8 +440,9 @@ impl Scheduler {
             )));
         }
         if self.queue.len() >= self.config.max_queue {
-            return Err(ErrorCode::Overloaded
-                .error(format!("the queue is full ({} requests waiting)", self.config.max_queue)));
+            return Err(
+                ErrorCode::Overloaded.error(format!("the queue is full ({} requests waiting)", self.config.max_queue))
+            );
         }
         let mut text = TextStream::new(&model.tokenizer, &params.stop).map_err(engine_error)?;
         let mut sampler = Sampler::new(params.sampling.clone()).map_err(engine_error)?;
@@ -553,7 +559,8 @@ impl Scheduler {
     /// prefilling of one model, in one forward pass: a long prompt delays the running streams by
     /// one chunk per step rather than by its whole length, and many short prompts start together.
     fn prefill_one_chunk(&mut self) {
-        let Some(model) = self.running.iter().find(|r| r.done.is_none() && r.seq.needs_prefill()).map(|r| r.model.clone())
+        let Some(model) =
+            self.running.iter().find(|r| r.done.is_none() && r.seq.needs_prefill()).map(|r| r.model.clone())
         else {
             return;
         };
@@ -632,7 +639,9 @@ impl Scheduler {
                 {
                     let mut by_key: HashMap<u64, &mut Request> = running.iter_mut().map(|r| (r.key, r)).collect();
                     for k in &keys {
-                        let r = by_key.remove(k).ok_or_else(|| EngineError::Mlx(mlx::Error::Invalid("a batch row has no request".into())))?;
+                        let r = by_key.remove(k).ok_or_else(|| {
+                            EngineError::Mlx(mlx::Error::Invalid("a batch row has no request".into()))
+                        })?;
                         rows.push(r);
                     }
                 }
@@ -685,7 +694,10 @@ impl Scheduler {
         let mut waited = Duration::ZERO;
         for p in pending {
             let t = Instant::now();
-            let values = p.tokens.to_vec::<u32>().and_then(|t| Ok((t, p.logprobs.as_ref().map(Array::to_vec::<f32>).transpose()?)));
+            let values = p
+                .tokens
+                .to_vec::<u32>()
+                .and_then(|t| Ok((t, p.logprobs.as_ref().map(Array::to_vec::<f32>).transpose()?)));
             waited += t.elapsed();
             let (tokens, logprobs) = match values {
                 Ok(v) => v,
@@ -733,8 +745,12 @@ impl Scheduler {
                     },
                     None => None,
                 };
-                let event =
-                    TokenEvent { token_ids: vec![token], text: step.text, logprobs: logprob.map(|l| vec![l]), top_logprobs: top };
+                let event = TokenEvent {
+                    token_ids: vec![token],
+                    text: step.text,
+                    logprobs: logprob.map(|l| vec![l]),
+                    top_logprobs: top,
+                };
                 let _ = r.events.send(GenerateEvent::Token(event));
                 if step.stopped {
                     r.end(FinishReason::Stop, None);
@@ -774,7 +790,8 @@ impl Scheduler {
     fn leave_batches(&mut self, ended: &[Request]) {
         let mut failed = Vec::new();
         for (name, loaded) in &mut self.models {
-            let gone: Vec<&Request> = ended.iter().filter(|r| &r.model == name && loaded.batch.contains(r.key)).collect();
+            let gone: Vec<&Request> =
+                ended.iter().filter(|r| &r.model == name && loaded.batch.contains(r.key)).collect();
             if gone.is_empty() {
                 continue;
             }
@@ -921,7 +938,12 @@ fn top_k(logprobs: &Array, k: usize) -> mlx_serving_engine::Result<(Array, Array
 }
 
 /// Reads top-k arrays into a list sorted by log-probability, with each token's text.
-fn top_list(ids: &Array, values: &Array, models: &BTreeMap<String, Loaded>, model: &str) -> mlx_serving_engine::Result<Vec<TopLogprob>> {
+fn top_list(
+    ids: &Array,
+    values: &Array,
+    models: &BTreeMap<String, Loaded>,
+    model: &str,
+) -> mlx_serving_engine::Result<Vec<TopLogprob>> {
     let (ids, values) = (ids.to_vec::<u32>()?, values.to_vec::<f32>()?);
     let tokenizer = models.get(model).map(|l| &l.model.tokenizer);
     let mut list: Vec<TopLogprob> = ids

@@ -78,7 +78,8 @@ async fn handle_line<C: Send + Sync + 'static>(module: &RpcModule<C>, line: &str
             return;
         }
     };
-    let refuse = |message: &str| error_response(value.get("id").unwrap_or(&Value::Null), ErrorCode::InvalidRequest, message);
+    let refuse =
+        |message: &str| error_response(value.get("id").unwrap_or(&Value::Null), ErrorCode::InvalidRequest, message);
     let problem = match &value {
         Value::Array(_) => Some("batch requests are not supported: send one request per line"),
         Value::Object(o) if !o.contains_key("id") => {

@@ -6,7 +6,14 @@ use common::*;
 use serde_json::{Value, json};
 
 async fn start() -> Raw {
-    let mut raw = Raw::start(&["--model", model_dir(MODEL).to_str().unwrap(), "--model-name", "m", "--max-line-bytes", "1048576"]);
+    let mut raw = Raw::start(&[
+        "--model",
+        model_dir(MODEL).to_str().unwrap(),
+        "--model-name",
+        "m",
+        "--max-line-bytes",
+        "1048576",
+    ]);
     assert!(raw.call(0, "handshake", json!({})).await["result"].is_object());
     raw
 }
@@ -65,7 +72,10 @@ async fn malformed_lines_get_errors_and_the_next_request_works() {
 async fn a_ten_megabyte_line_is_refused_by_the_line_limit() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut raw = start().await;
-        let huge = format!("{{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"stats\",\"params\":{{\"pad\":\"{}\"}}}}", "x".repeat(10 << 20));
+        let huge = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"stats\",\"params\":{{\"pad\":\"{}\"}}}}",
+            "x".repeat(10 << 20)
+        );
         raw.send(&huge).await;
         let (code, message) = error_of(&raw.recv().await);
         assert_eq!(code, -32600);
@@ -156,8 +166,14 @@ async fn requests_the_worker_refuses_get_typed_errors() {
 async fn a_full_queue_refuses_with_overloaded_and_a_duplicate_id_is_refused() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut raw = Raw::start(&[
-            "--model", model_dir(MODEL).to_str().unwrap(), "--model-name", "m",
-            "--max-sequences", "1", "--max-queue", "1",
+            "--model",
+            model_dir(MODEL).to_str().unwrap(),
+            "--model-name",
+            "m",
+            "--max-sequences",
+            "1",
+            "--max-queue",
+            "1",
         ]);
         let long = json!({"max_tokens": 1000, "ignore_eos": true});
         assert!(raw.call(1, "generate", generate("run", "m", long.clone())).await["result"].is_u64());

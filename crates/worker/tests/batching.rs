@@ -45,7 +45,8 @@ fn sixteen_requests() -> Vec<GenerateRequest> {
             r.sampling = Sampling { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Sampling::default() };
         }
         if i == 3 {
-            r.prompt = Prompt::Messages(vec![mlx_serving_protocol::Message { role: "user".into(), content: "Hello!".into() }]);
+            r.prompt =
+                Prompt::Messages(vec![mlx_serving_protocol::Message { role: "user".into(), content: "Hello!".into() }]);
         }
         out.push(r);
         i += 1;
@@ -168,7 +169,9 @@ async fn a_resumed_request_continues_exactly_where_the_first_stopped() {
         }
         let mut too_many = request("x", Prompt::Text("Resume me".into()), 4);
         too_many.resume_tokens = vec![5; 5];
-        let Err(err) = w.client.generate(too_many).await else { panic!("resume_tokens beyond max_tokens was admitted") };
+        let Err(err) = w.client.generate(too_many).await else {
+            panic!("resume_tokens beyond max_tokens was admitted")
+        };
         let err = err.to_string();
         assert!(err.contains("resume_tokens"), "{err}");
     })

@@ -38,7 +38,11 @@ async fn heartbeats_keep_arriving_during_a_long_prefill() {
             }
         }
         assert!(during.len() >= 2, "only {} heartbeats arrived during the prefill", during.len());
-        assert!(during.windows(2).all(|w| w[1].seq > w[0].seq && w[1].progress.prefilled_tokens >= w[0].progress.prefilled_tokens));
+        assert!(
+            during
+                .windows(2)
+                .all(|w| w[1].seq > w[0].seq && w[1].progress.prefilled_tokens >= w[0].progress.prefilled_tokens)
+        );
         assert!(during.iter().all(|b| b.active_sequences == 1 && b.models == ["m"]));
         assert!(during.iter().any(|b| b.memory.rss > 0 && b.memory.active > 0));
         let rest = collect(stream).await;
@@ -55,7 +59,8 @@ async fn shutdown_with_a_deadline_cancels_what_runs_and_exits_zero() {
         let client = Arc::new(w.client);
         let mut streams = Vec::new();
         for i in 0..4 {
-            let mut sub = client.generate(request(&format!("s{i}"), Prompt::Text(format!("Stream {i}")), 1000)).await.unwrap();
+            let mut sub =
+                client.generate(request(&format!("s{i}"), Prompt::Text(format!("Stream {i}")), 1000)).await.unwrap();
             // Wait for a first token so the request is surely running.
             assert!(matches!(sub.next().await.unwrap().unwrap(), GenerateEvent::Token(_)));
             // The worker exits right after the final events: the subscriptions stay open until
@@ -76,7 +81,10 @@ async fn shutdown_with_a_deadline_cancels_what_runs_and_exits_zero() {
             open.push(sub);
         }
         drop(open);
-        let status = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await.expect("the worker did not exit").unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), w.child.wait())
+            .await
+            .expect("the worker did not exit")
+            .unwrap();
         assert!(status.success(), "exit status {status}");
     })
     .await
@@ -91,7 +99,10 @@ async fn shutdown_lets_work_finish_before_the_deadline() {
         w.client.shutdown(60_000).await.unwrap();
         let got = collect(sub).await;
         assert_eq!(got.last.finish_reason, FinishReason::Length);
-        let status = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await.expect("the worker did not exit").unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), w.child.wait())
+            .await
+            .expect("the worker did not exit")
+            .unwrap();
         assert!(status.success(), "exit status {status}");
     })
     .await
@@ -125,13 +136,17 @@ async fn memory_and_cache_limits_reach_mlx_and_change_no_token() {
         let mut runs = Vec::new();
         for args in [&[][..], &["--memory-limit-bytes", "1073741824", "--cache-limit-bytes", "0"][..]] {
             let mut w = with_model(args).await;
-            let got = collect(w.client.generate(request("r", Prompt::Text("Hello there".into()), 16)).await.unwrap()).await;
+            let got =
+                collect(w.client.generate(request("r", Prompt::Text("Hello there".into()), 16)).await.unwrap()).await;
             let stats = w.client.stats().await.unwrap();
             w.client.shutdown(1000).await.unwrap();
             let _ = w.child.wait().await;
             runs.push((got.tokens, stats.memory.cache));
         }
-        eprintln!("buffer cache after a request: {} bytes without limits, {} with a cache limit of 0", runs[0].1, runs[1].1);
+        eprintln!(
+            "buffer cache after a request: {} bytes without limits, {} with a cache limit of 0",
+            runs[0].1, runs[1].1
+        );
         assert_eq!(runs[0].0, runs[1].0, "the limits changed the tokens");
         assert_eq!(runs[1].1, 0, "MLX kept freed buffers despite --cache-limit-bytes 0");
         assert!(runs[0].1 > 0, "without a limit MLX keeps freed buffers for reuse");

@@ -63,7 +63,14 @@ enum Projections {
 }
 
 impl Projections {
-    fn load(w: &mut Weights, c: &ModelConfig, parts: &[(&str, i32)], in_f: i32, bias: bool, stack: bool) -> Result<Projections> {
+    fn load(
+        w: &mut Weights,
+        c: &ModelConfig,
+        parts: &[(&str, i32)],
+        in_f: i32,
+        bias: bool,
+        stack: bool,
+    ) -> Result<Projections> {
         if stack && let Some(s) = Stacked::load(w, c, parts, in_f, bias)? {
             return Ok(Projections::Stacked(s));
         }
@@ -141,7 +148,9 @@ impl Transformer {
         let c = &config;
         let (dim, heads, kv_heads, hd) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), spec.head_dim);
         if hd <= 0 || hd % 2 != 0 {
-            return Err(EngineError::invalid(format!("config.json: head_dim must be a positive even number, got {hd}")));
+            return Err(EngineError::invalid(format!(
+                "config.json: head_dim must be a positive even number, got {hd}"
+            )));
         }
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
@@ -161,8 +170,14 @@ impl Transformer {
                     opts.stack_projections,
                 )?,
                 o_proj: Linear::load(w, c, &format!("{p}.self_attn.o_proj"), heads * hd, dim, a.o_bias)?,
-                q_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, c.rms_norm_eps)).transpose()?,
-                k_norm: a.qk_norm.then(|| RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, c.rms_norm_eps)).transpose()?,
+                q_norm: a
+                    .qk_norm
+                    .then(|| RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, c.rms_norm_eps))
+                    .transpose()?,
+                k_norm: a
+                    .qk_norm
+                    .then(|| RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, c.rms_norm_eps))
+                    .transpose()?,
                 head_dim: hd,
                 scale: (f64::from(hd)).powf(-0.5) as f32,
                 rope: Rope::new(hd, spec.rope_theta, spec.rope_traditional, c.rope_scaling())?,
@@ -183,7 +198,12 @@ impl Transformer {
                 self_attn,
                 mlp,
                 input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), dim, c.rms_norm_eps)?,
-                post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), dim, c.rms_norm_eps)?,
+                post_attention_layernorm: RmsNorm::load(
+                    w,
+                    &format!("{p}.post_attention_layernorm"),
+                    dim,
+                    c.rms_norm_eps,
+                )?,
             });
         }
         let embed_tokens = Embedding::load(w, c, "model.embed_tokens", c.vocab_size, dim, spec.tie_word_embeddings)?;
@@ -326,7 +346,10 @@ impl Attention {
     /// The query, key and value projections of `x` (`[batch, len, hidden]`), each
     /// `[batch, len, heads, head_dim]`.
     fn project(&self, x: &Array) -> Result<[Array; 3]> {
-        self.qkv.forward_heads(x, self.head_dim)?.try_into().map_err(|_| EngineError::invalid("attention: three projections expected"))
+        self.qkv
+            .forward_heads(x, self.head_dim)?
+            .try_into()
+            .map_err(|_| EngineError::invalid("attention: three projections expected"))
     }
 
     /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections).

@@ -41,7 +41,10 @@ pub fn goldens() -> Vec<Golden> {
     assert!(!files.is_empty(), "no golden files in {}", dir.display());
     files
         .iter()
-        .map(|f| serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
+        .map(|f| {
+            serde_json::from_str(&std::fs::read_to_string(f).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        })
         .collect()
 }
 

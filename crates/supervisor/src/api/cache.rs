@@ -155,7 +155,12 @@ mod tests {
     fn answer(n: u32) -> Arc<Generation> {
         let items: Vec<StreamItem> = std::iter::once(Ok(PoolEvent::Started))
             .chain((0..n).map(|i| {
-                Ok(PoolEvent::Event(GenerateEvent::Token(TokenEvent { token_ids: vec![i], text: "word ".into(), logprobs: None, top_logprobs: None })))
+                Ok(PoolEvent::Event(GenerateEvent::Token(TokenEvent {
+                    token_ids: vec![i],
+                    text: "word ".into(),
+                    logprobs: None,
+                    top_logprobs: None,
+                })))
             }))
             .chain(std::iter::once(Ok(PoolEvent::Event(GenerateEvent::Final(FinalEvent {
                 finish_reason: FinishReason::Length,

@@ -46,12 +46,20 @@ impl ApiError {
         ApiError {
             retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
             code: Some("rate_limit_exceeded"),
-            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "request rate limit of this API key reached".into())
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "request rate limit of this API key reached".into(),
+            )
         }
     }
 
     pub fn too_large(limit: usize) -> ApiError {
-        let mut e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body exceeds the limit of {limit} bytes"));
+        let mut e = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        );
         e.code = Some("request_too_large");
         e
     }

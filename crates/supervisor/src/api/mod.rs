@@ -45,7 +45,8 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(pool: Arc<Pool>, config: HttpConfig, metrics: PrometheusHandle) -> ApiState {
-        let limiter = (config.rate_limit_per_s > 0.0).then(|| ratelimit::RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst));
+        let limiter = (config.rate_limit_per_s > 0.0)
+            .then(|| ratelimit::RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst));
         let c = &config.response_cache;
         let cache = c.enabled.then(|| cache::ResponseCache::new(c.max_bytes, std::time::Duration::from_secs(c.ttl_s)));
         let hub = Arc::new(shared::Hub::new(pool.clone(), config.coalesce, cache));
@@ -93,7 +94,9 @@ pub async fn serve(listen: SocketAddr, router: Router, stop: CancellationToken) 
     });
     // The router is cloned per connection as it is (an Arc): axum's default would rebuild its route
     // table for every connection.
-    axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move { stop.cancelled().await }).await
+    axum::serve(listener, router.into_make_service())
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -115,7 +118,8 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// API keys, then the per-key rate limit.
 async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if !state.config.api_keys.is_empty() {
         match given {
             Some(key) if state.config.api_keys.iter().any(|k| k == key) => {}
@@ -131,11 +135,21 @@ async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
-async fn chat(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(
+    state: State<Arc<ApiState>>,
+    id: axum::Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     generate(state, id, Route::Chat, headers, body).await
 }
 
-async fn completions(state: State<Arc<ApiState>>, id: axum::Extension<RequestId>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    state: State<Arc<ApiState>>,
+    id: axum::Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     generate(state, id, Route::Completions, headers, body).await
 }
 
@@ -144,7 +158,10 @@ fn priority(headers: &HeaderMap) -> Result<Priority, ApiError> {
     match headers.get("x-priority") {
         None => Ok(Priority::Default),
         Some(v) => v.to_str().ok().and_then(Priority::parse).ok_or_else(|| {
-            ApiError::invalid(Some("x-priority".to_string()), "the `x-priority` header must be urgent, default or background")
+            ApiError::invalid(
+                Some("x-priority".to_string()),
+                "the `x-priority` header must be urgent, default or background",
+            )
         }),
     }
 }
@@ -168,7 +185,17 @@ async fn generate(
         }
         Err(rejection) => return fail("", ApiError::invalid(None, rejection.body_text())),
     };
-    let (req, priority) = match openai::parse(route, &body, &openai::TokenLimits { default_max_tokens: state.config.default_max_tokens, max_tokens: state.config.max_tokens }, &id).and_then(|r| Ok((r, priority(&headers)?))) {
+    let (req, priority) = match openai::parse(
+        route,
+        &body,
+        &openai::TokenLimits {
+            default_max_tokens: state.config.default_max_tokens,
+            max_tokens: state.config.max_tokens,
+        },
+        &id,
+    )
+    .and_then(|r| Ok((r, priority(&headers)?)))
+    {
         Ok(r) => r,
         Err(e) => return fail("", e),
     };
@@ -237,7 +264,8 @@ async fn complete(
                 }
                 None => {
                     meta.finish(502);
-                    return ApiError::from_pool(crate::PoolError::ShuttingDown, req.route.prompt_param()).into_response();
+                    return ApiError::from_pool(crate::PoolError::ShuttingDown, req.route.prompt_param())
+                        .into_response();
                 }
             },
         };
@@ -250,7 +278,8 @@ async fn complete(
             GenerateEvent::Final(f) => {
                 text.push_str(&f.text);
                 meta.on_final(&f);
-                let logprobs = if req.logprobs { openai::logprobs(req.route, &tokens) } else { serde_json::Value::Null };
+                let logprobs =
+                    if req.logprobs { openai::logprobs(req.route, &tokens) } else { serde_json::Value::Null };
                 let reason = openai::finish_reason(f.finish_reason);
                 let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let mut body = match req.route {
@@ -266,7 +295,8 @@ async fn complete(
                     }),
                 };
                 if req.return_token_ids {
-                    body["choices"][0]["token_ids"] = json!(tokens.iter().flat_map(|t| t.token_ids.iter()).collect::<Vec<_>>());
+                    body["choices"][0]["token_ids"] =
+                        json!(tokens.iter().flat_map(|t| t.token_ids.iter()).collect::<Vec<_>>());
                 }
                 meta.finish(200);
                 return Json(body).into_response();
@@ -293,11 +323,17 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let ready = status
         .workers
         .iter()
-        .filter(|w| w.state == WorkerState::Ready && model.as_ref().is_none_or(|m| w.models.iter().any(|x| &x.name == m)))
+        .filter(|w| {
+            w.state == WorkerState::Ready && model.as_ref().is_none_or(|m| w.models.iter().any(|x| &x.name == m))
+        })
         .count();
     let ok = ready >= state.config.min_ready_workers.max(1) && !status.shutting_down;
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"ready": ok, "ready_workers": ready, "required": state.config.min_ready_workers, "model": model}))).into_response()
+    (
+        code,
+        Json(json!({"ready": ok, "ready_workers": ready, "required": state.config.min_ready_workers, "model": model})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

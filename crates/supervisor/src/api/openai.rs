@@ -1,6 +1,8 @@
 //! OpenAI request bodies, parsed once into a [`ValidRequest`] whose errors name the field and
 //! the limit, and the response bodies built from worker events.
-use mlx_serving_protocol::{GenerateRequest, MAX_TOP_LOGPROBS, Message, Prompt, Sampling, TokenEvent, TopLogprob, Usage};
+use mlx_serving_protocol::{
+    GenerateRequest, MAX_TOP_LOGPROBS, Message, Prompt, Sampling, TokenEvent, TopLogprob, Usage,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -137,7 +139,8 @@ pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) 
         let inner = e.into_inner();
         let text = inner.to_string();
         // "missing field `x`" and "unknown field `x`" name the field themselves.
-        let param = if path == "." || path.is_empty() { text.split('`').nth(1).map(str::to_string) } else { Some(path) };
+        let param =
+            if path == "." || path.is_empty() { text.split('`').nth(1).map(str::to_string) } else { Some(path) };
         if inner.is_syntax() || inner.is_eof() {
             ApiError::invalid(None, format!("the body is not valid JSON: {text}"))
         } else {
@@ -156,7 +159,10 @@ pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) 
         }
         Route::Completions => {
             if b.messages.is_some() {
-                return Err(invalid("messages", "`messages` belongs to /v1/chat/completions; completions take `prompt`"));
+                return Err(invalid(
+                    "messages",
+                    "`messages` belongs to /v1/chat/completions; completions take `prompt`",
+                ));
             }
             completion_prompt(b.prompt.ok_or_else(|| invalid("prompt", "`prompt` is required"))?)?
         }
@@ -192,7 +198,10 @@ pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) 
         match rf.get("type").and_then(Value::as_str) {
             Some("text") => {}
             Some(t) => {
-                return Err(invalid("response_format", format!("`response_format` type `{t}` is not supported by this model; only `text`")));
+                return Err(invalid(
+                    "response_format",
+                    format!("`response_format` type `{t}` is not supported by this model; only `text`"),
+                ));
             }
             None => return Err(invalid("response_format", "`response_format` needs a `type`")),
         }
@@ -206,7 +215,10 @@ pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) 
         return Err(invalid(max_tokens.0, format!("`{}` must be at least 1, got {}", max_tokens.0, max_tokens.1)));
     }
     if limits.max_tokens > 0 && max_tokens.1 > limits.max_tokens as i64 {
-        return Err(invalid(max_tokens.0, format!("`{}` is {}, above this server's limit of {}", max_tokens.0, max_tokens.1, limits.max_tokens)));
+        return Err(invalid(
+            max_tokens.0,
+            format!("`{}` is {}, above this server's limit of {}", max_tokens.0, max_tokens.1, limits.max_tokens),
+        ));
     }
     let temperature = b.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -226,7 +238,10 @@ pub fn parse(route: Route, body: &[u8], limits: &TokenLimits, request_id: &str) 
     }
     let repetition_penalty = b.repetition_penalty.unwrap_or(1.0);
     if repetition_penalty <= 0.0 {
-        return Err(invalid("repetition_penalty", format!("`repetition_penalty` must be > 0, got {repetition_penalty}")));
+        return Err(invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be > 0, got {repetition_penalty}"),
+        ));
     }
     let stop = stops(b.stop)?;
     // Chat: `logprobs: true` and `top_logprobs` in [0, 20]. Completions: `logprobs: N` in [0, 5]
@@ -300,13 +315,21 @@ fn messages(list: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
                     match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         _ => {
-                            return Err(invalid(&format!("messages[{i}].content[{j}]"), "only text content parts are supported"));
+                            return Err(invalid(
+                                &format!("messages[{i}].content[{j}]"),
+                                "only text content parts are supported",
+                            ));
                         }
                     }
                 }
                 text
             }
-            Some(_) => return Err(invalid(&format!("messages[{i}].content"), "`content` must be a string or an array of text parts")),
+            Some(_) => {
+                return Err(invalid(
+                    &format!("messages[{i}].content"),
+                    "`content` must be a string or an array of text parts",
+                ));
+            }
         };
         let role = if m.role == "developer" { "system".to_string() } else { m.role };
         out.push(Message { role, content });
@@ -315,17 +338,23 @@ fn messages(list: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
 }
 
 fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
-    let ids = |a: &[Value]| -> Option<Vec<u32>> { a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect() };
+    let ids = |a: &[Value]| -> Option<Vec<u32>> {
+        a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect()
+    };
     match &v {
         Value::String(s) => Ok(Prompt::Text(s.clone())),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(Prompt::Text(a[0].as_str().unwrap_or("").to_string())),
-        Value::Array(a) if a.len() == 1 && a[0].is_array() => {
-            ids(a[0].as_array().map_or(&[], Vec::as_slice)).map(Prompt::TokenIds).ok_or_else(|| invalid("prompt", "token ids must be non-negative integers"))
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            Ok(Prompt::Text(a[0].as_str().unwrap_or("").to_string()))
         }
+        Value::Array(a) if a.len() == 1 && a[0].is_array() => ids(a[0].as_array().map_or(&[], Vec::as_slice))
+            .map(Prompt::TokenIds)
+            .ok_or_else(|| invalid("prompt", "token ids must be non-negative integers")),
         Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_number) => {
             ids(a).map(Prompt::TokenIds).ok_or_else(|| invalid("prompt", "token ids must be non-negative integers"))
         }
-        Value::Array(a) if a.len() > 1 => Err(invalid("prompt", format!("one prompt per request is supported, got {}", a.len()))),
+        Value::Array(a) if a.len() > 1 => {
+            Err(invalid("prompt", format!("one prompt per request is supported, got {}", a.len())))
+        }
         _ => Err(invalid("prompt", "`prompt` must be a string, an array of one string, or an array of token ids")),
     }
 }
@@ -386,8 +415,10 @@ pub fn logprobs(route: Route, tokens: &[TokenEvent]) -> Value {
         Route::Chat => {
             let content: Vec<Value> = entries(tokens)
                 .map(|(t, lp, top)| {
-                    let top: Vec<Value> =
-                        top.iter().map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()})).collect();
+                    let top: Vec<Value> = top
+                        .iter()
+                        .map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()}))
+                        .collect();
                     json!({"token": t.text, "logprob": lp, "bytes": t.text.as_bytes(), "top_logprobs": top})
                 })
                 .collect();
@@ -403,7 +434,8 @@ pub fn logprobs(route: Route, tokens: &[TokenEvent]) -> Value {
                 offsets.push(offset);
                 offset += t.text.len();
                 any_top |= !top.is_empty();
-                let map: serde_json::Map<String, Value> = top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect();
+                let map: serde_json::Map<String, Value> =
+                    top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect();
                 tops.push(Value::Object(map));
             }
             let tops = if any_top { json!(tops) } else { Value::Null };
@@ -423,23 +455,55 @@ mod tests {
     #[test]
     fn each_violation_names_its_field() {
         let cases: &[(Route, &str, &str)] = &[
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#, "temperature"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":3}"#, "temperature"),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#,
+                "temperature",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":3}"#,
+                "temperature",
+            ),
             (Route::Chat, r#"{"messages":[{"role":"user","content":"hi"}]}"#, "model"),
             (Route::Chat, r#"{"model":"m"}"#, "messages"),
             (Route::Chat, r#"{"model":"m","messages":[]}"#, "messages"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"wizard","content":"hi"}]}"#, "messages[0].role"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#, "n"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#, "max_tokens"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":-5}"#, "max_completion_tokens"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1001}"#, "max_tokens"),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":-5}"#,
+                "max_completion_tokens",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1001}"#,
+                "max_tokens",
+            ),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_p":0}"#, "top_p"),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stop":[1]}"#, "stop"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#, "response_format"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":3}"#, "top_logprobs"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#, "top_logprobs"),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":3}"#,
+                "top_logprobs",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
             (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"frobnicate":1}"#, "frobnicate"),
-            (Route::Chat, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#, "stream_options"),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#,
+                "stream_options",
+            ),
             (Route::Completions, r#"{"model":"m","prompt":["a","b"]}"#, "prompt"),
             (Route::Completions, r#"{"model":"m","prompt":"a","logprobs":6}"#, "logprobs"),
             (Route::Completions, r#"{"model":"m","messages":[]}"#, "messages"),
@@ -477,7 +541,13 @@ mod tests {
                 Message { role: "user".into(), content: "hi".into() }
             ])
         );
-        let c = parse(Route::Completions, br#"{"model":"m","prompt":[1,2,3]}"#, &TokenLimits { default_max_tokens: 16, max_tokens: 0 }, "r").unwrap();
+        let c = parse(
+            Route::Completions,
+            br#"{"model":"m","prompt":[1,2,3]}"#,
+            &TokenLimits { default_max_tokens: 16, max_tokens: 0 },
+            "r",
+        )
+        .unwrap();
         assert_eq!(c.generate.prompt, Prompt::TokenIds(vec![1, 2, 3]));
         assert_eq!(c.generate.max_tokens, 16);
     }

@@ -135,7 +135,9 @@ fn item_bytes(item: &StreamItem) -> usize {
             let top: usize = t.top_logprobs.iter().flatten().flatten().map(|a| a.text.len() + 32).sum();
             EVENT + t.text.len() + 4 * t.token_ids.len() + 4 * t.logprobs.as_ref().map_or(0, Vec::len) + top
         }
-        Ok(PoolEvent::Event(GenerateEvent::Final(f))) => 2 * EVENT + f.text.len() + f.error.as_ref().map_or(0, |e| e.message.len()),
+        Ok(PoolEvent::Event(GenerateEvent::Final(f))) => {
+            2 * EVENT + f.text.len() + f.error.as_ref().map_or(0, |e| e.message.len())
+        }
         Err(e) => EVENT + e.to_string().len(),
     }
 }
@@ -373,7 +375,12 @@ mod tests {
     use mlx_serving_protocol::{FinalEvent, Prompt, TokenEvent, Usage};
 
     fn token(id: u32) -> StreamItem {
-        Ok(PoolEvent::Event(GenerateEvent::Token(TokenEvent { token_ids: vec![id], text: format!("t{id}"), logprobs: None, top_logprobs: None })))
+        Ok(PoolEvent::Event(GenerateEvent::Token(TokenEvent {
+            token_ids: vec![id],
+            text: format!("t{id}"),
+            logprobs: None,
+            top_logprobs: None,
+        })))
     }
 
     fn final_event(reason: FinishReason) -> StreamItem {
@@ -472,9 +479,12 @@ mod tests {
 
     #[test]
     fn only_stop_and_length_complete_a_generation() {
-        for (reason, complete) in
-            [(FinishReason::Stop, true), (FinishReason::Length, true), (FinishReason::Cancelled, false), (FinishReason::Error, false)]
-        {
+        for (reason, complete) in [
+            (FinishReason::Stop, true),
+            (FinishReason::Length, true),
+            (FinishReason::Cancelled, false),
+            (FinishReason::Error, false),
+        ] {
             let g = Generation::new(Priority::Default);
             g.push(token(1));
             let mut stored = None;

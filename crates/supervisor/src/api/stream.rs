@@ -116,31 +116,35 @@ pub fn sse(meta: Meta, req: &ValidRequest, rx: Feed, first: Option<GenerateEvent
     // The timer is set once per interval, not per frame: when it fires after recent frames, it
     // is moved to one interval after the last of them.
     let quiet = Box::pin(tokio::time::sleep(interval));
-    let stream = futures_util::stream::unfold((state, quiet, tokio::time::Instant::now()), move |(mut s, mut quiet, mut sent)| async move {
-        loop {
-            if let Some(frame) = s.out.pop_front() {
-                sent = tokio::time::Instant::now();
-                return Some((Ok::<_, Infallible>(frame), (s, quiet, sent)));
-            }
-            if s.done {
-                return None;
-            }
-            tokio::select! {
-                biased;
-                () = s.next() => {}
-                () = quiet.as_mut() => {
-                    let due = sent + interval;
-                    if tokio::time::Instant::now() >= due {
-                        s.out.push_back(Bytes::from_static(b": keep-alive\n\n"));
-                        quiet.as_mut().reset(tokio::time::Instant::now() + interval);
-                    } else {
-                        quiet.as_mut().reset(due);
+    let stream = futures_util::stream::unfold(
+        (state, quiet, tokio::time::Instant::now()),
+        move |(mut s, mut quiet, mut sent)| async move {
+            loop {
+                if let Some(frame) = s.out.pop_front() {
+                    sent = tokio::time::Instant::now();
+                    return Some((Ok::<_, Infallible>(frame), (s, quiet, sent)));
+                }
+                if s.done {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    () = s.next() => {}
+                    () = quiet.as_mut() => {
+                        let due = sent + interval;
+                        if tokio::time::Instant::now() >= due {
+                            s.out.push_back(Bytes::from_static(b": keep-alive\n\n"));
+                            quiet.as_mut().reset(tokio::time::Instant::now() + interval);
+                        } else {
+                            quiet.as_mut().reset(due);
+                        }
                     }
                 }
             }
-        }
-    });
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream)).into_response()
+        },
+    );
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
+        .into_response()
 }
 
 /// One SSE frame: `data: ` + what `write` writes + a blank line.
@@ -207,7 +211,8 @@ impl State {
         self.meta.on_tokens(n);
         let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
         let logprobs = if self.logprobs { openai::logprobs(self.meta.route, &tokens) } else { Value::Null };
-        let ids: Option<Vec<u32>> = self.token_ids.then(|| tokens.iter().flat_map(|t| t.token_ids.iter().copied()).collect());
+        let ids: Option<Vec<u32>> =
+            self.token_ids.then(|| tokens.iter().flat_map(|t| t.token_ids.iter().copied()).collect());
         let delta = Delta { role: None, content: Some(&text) };
         let chunk = self.chunk_with(delta, None, &logprobs, ids.as_deref());
         self.out.push_back(chunk);
@@ -235,12 +240,23 @@ impl State {
     }
 
     /// One chunk with one choice, serialised straight from borrowed parts.
-    fn chunk_with(&self, delta: Delta<'_>, finish_reason: Option<&str>, logprobs: &Value, token_ids: Option<&[u32]>) -> Bytes {
+    fn chunk_with(
+        &self,
+        delta: Delta<'_>,
+        finish_reason: Option<&str>,
+        logprobs: &Value,
+        token_ids: Option<&[u32]>,
+    ) -> Bytes {
         let choice = match self.meta.route {
             Route::Chat => Choice { index: 0, delta: Some(delta), text: None, logprobs, finish_reason, token_ids },
-            Route::Completions => {
-                Choice { index: 0, delta: None, text: Some(delta.content.unwrap_or("")), logprobs, finish_reason, token_ids }
-            }
+            Route::Completions => Choice {
+                index: 0,
+                delta: None,
+                text: Some(delta.content.unwrap_or("")),
+                logprobs,
+                finish_reason,
+                token_ids,
+            },
         };
         self.envelope(&[choice], None)
     }

@@ -46,7 +46,12 @@ pub struct Process {
 
 /// Starts `command` (program and arguments) in its own process group and connects a client to
 /// its pipes, which refuses lines longer than `max_line_bytes`.
-pub fn spawn(command: &[String], worker: u64, request_timeout: Duration, max_line_bytes: usize) -> std::io::Result<Process> {
+pub fn spawn(
+    command: &[String],
+    worker: u64,
+    request_timeout: Duration,
+    max_line_bytes: usize,
+) -> std::io::Result<Process> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the worker command is empty"))?;

@@ -225,7 +225,12 @@ enum Ended {
 /// status is what the crash record shows.
 const EXIT_GRACE: Duration = Duration::from_millis(200);
 
-async fn run(slot: Arc<Slot>, ctx: Arc<SlotContext>, mut restart: RestartTracker, mut commands: mpsc::UnboundedReceiver<SlotCommand>) {
+async fn run(
+    slot: Arc<Slot>,
+    ctx: Arc<SlotContext>,
+    mut restart: RestartTracker,
+    mut commands: mpsc::UnboundedReceiver<SlotCommand>,
+) {
     loop {
         let config = ctx.config();
         let p = &config.pool;
@@ -345,7 +350,11 @@ async fn serve(
 }
 
 /// Handshake and model loads of a new worker: its capacity and its models.
-async fn start_worker(client: &WorkerLink, config: &Config, desired: &[String]) -> Result<(usize, Vec<ModelInfo>), String> {
+async fn start_worker(
+    client: &WorkerLink,
+    config: &Config,
+    desired: &[String],
+) -> Result<(usize, Vec<ModelInfo>), String> {
     let hs = client.handshake().await.map_err(|e| format!("handshake: {e}"))?;
     let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
     if major(&hs.protocol_version) != major(PROTOCOL_VERSION) {
@@ -377,7 +386,8 @@ async fn watch(
     let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
     let mut progress = None;
     let mut progress_at = Instant::now();
-    let mut tick = tokio::time::interval((stall_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500)));
+    let mut tick =
+        tokio::time::interval((stall_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500)));
     let heartbeat_interval = ms(p.heartbeat_interval_ms);
     let mut next_ping = Instant::now();
     let client = proc.client.clone();

@@ -35,8 +35,20 @@ pub fn config(workers: usize) -> Config {
     c.pool.drain_deadline_ms = 10_000;
     c.pool.seed = Some(7);
     c.models = vec![
-        ModelConfig { name: "m".into(), path: fixtures().join("models/qwen3-bf16"), preload: true, keep_alive_s: 0, pinned: false },
-        ModelConfig { name: "m2".into(), path: fixtures().join("models/llama-bf16"), preload: false, keep_alive_s: 0, pinned: false },
+        ModelConfig {
+            name: "m".into(),
+            path: fixtures().join("models/qwen3-bf16"),
+            preload: true,
+            keep_alive_s: 0,
+            pinned: false,
+        },
+        ModelConfig {
+            name: "m2".into(),
+            path: fixtures().join("models/llama-bf16"),
+            preload: false,
+            keep_alive_s: 0,
+            pinned: false,
+        },
     ];
     c
 }
