@@ -11,7 +11,8 @@ Steps, each written to OUT/results.json as soon as it is done (a run cut short k
        tokens/s (a PREFILL-token prompt, 1 token) of our worker over its stdio protocol and of
        mlx_lm.generate.generate_step in process;
      - aggregate tokens/s and client-side TTFT p50/p95 at each level of concurrent streams: our worker
-       over stdio against mlx_lm.server (BatchGenerator) over HTTP with SSE;
+       over stdio against mlx_lm.server (BatchGenerator) over HTTP with SSE; each level starts with
+       an unmeasured round of 8-token completions, then ROUNDS measured rounds (one at 128 and up);
      - each decode figure as a share of the bandwidth roofline: (weight bytes read per step + KV bytes
        read per step) / measured copy bandwidth.
 A time budget skips what would not fit, and says so in the results.
@@ -565,6 +566,11 @@ def aggregate(server, prompts, levels, prompt_len, max_tokens, rounds, deadline)
     res = {}
     aggregate_round(server, prompts, 2, 16, 8)  # warm-up
     for lv in levels:
+        # An unmeasured round of short completions first: the first steps at a new number of rows
+        # compile and tune kernels for its shapes (a first measured round at 8 streams ran at a
+        # third of the second's rate).
+        if time.time() < deadline:
+            aggregate_round(server, prompts, lv, prompt_len, 8)
         rr = []
         for _ in range(rounds if lv <= 32 else 1):
             if time.time() > deadline:
