@@ -326,13 +326,6 @@ impl Model {
         }
         let inputs = batch.inputs.clone().ok_or_else(|| EngineError::invalid("decode_batch: no inputs"))?;
         let rows = seqs.len() as i32;
-        // A repetition penalty needs each row's previous token in its history.
-        for (i, s) in seqs.iter_mut().enumerate() {
-            if s.needs_history() {
-                let t = inputs.slice_axis(0, i as i32, i as i32 + 1)?.item::<u32>()?;
-                s.accept_input(t);
-            }
-        }
         let ids = inputs.reshape(&[rows, 1])?;
         let logits = self.transformer.forward_batch(&ids, &mut batch.cache)?;
         let logprobs = logits.subtract(&logits.logsumexp(-1, true)?)?;
@@ -340,11 +333,16 @@ impl Model {
         let mut tokens = logprobs.argmax(-1, false)?.astype(Dtype::Uint32)?;
         let mut out_rows = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter_mut().enumerate() {
+            let unread = s.unread();
             let index = s.next_index();
             if !s.batch_greedy() {
-                // Sampling, or a penalty changing the logits: this row on its own.
+                // Sampling, or a penalty changing the logits: this row on its own. A penalty's
+                // window ends with the row's input token, this step's input, which need not be
+                // read yet: the step after is built while this one runs.
                 let r = i as i32;
-                let Sampled { token, logprobs: row_lp, .. } = s.sample_row(&logits.slice_axis(0, r, r + 1)?)?;
+                let last = if unread { Some(inputs.slice_axis(0, r, r + 1)?) } else { None };
+                let Sampled { token, logprobs: row_lp, .. } =
+                    s.sample_row(&logits.slice_axis(0, r, r + 1)?, last.as_ref())?;
                 tokens = tokens.slice_update(&token.reshape(&[1])?, &[r], &[r + 1])?;
                 let vocab = logprobs.dim(1);
                 logprobs = logprobs.slice_update(&row_lp.reshape(&[1, vocab])?, &[r, 0], &[r + 1, vocab])?;

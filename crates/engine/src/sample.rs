@@ -105,12 +105,15 @@ impl Sampler {
         Ok(())
     }
 
-    /// Samples from `logits` (`[1, vocab]`), given the tokens seen so far (prompt and output).
-    pub fn sample(&mut self, logits: &Array, history: &[u32]) -> Result<Sampled> {
+    /// Samples from `logits` (`[1, vocab]`), given the tokens seen so far (prompt and output):
+    /// `history`, then `last`, the previous sample while its value is not read yet (a lazy
+    /// `[1]` array), so that a repetition penalty needs no wait for the step before.
+    pub fn sample(&mut self, logits: &Array, history: &[u32], last: Option<&Array>) -> Result<Sampled> {
         let p = &self.params;
-        let logits = if p.repetition_penalty != 1.0 && !history.is_empty() {
-            let start = history.len().saturating_sub(p.repetition_context_size);
-            repetition_penalty(logits, &history[start..], p.repetition_penalty)?
+        let window = p.repetition_context_size;
+        let logits = if p.repetition_penalty != 1.0 && window > 0 && (!history.is_empty() || last.is_some()) {
+            let start = history.len().saturating_sub(window - usize::from(last.is_some()));
+            repetition_penalty(logits, &history[start..], last, p.repetition_penalty)?
         } else {
             logits.clone()
         };
@@ -149,9 +152,16 @@ fn neg_inf(dtype: Dtype) -> Result<Array> {
     Ok(Array::scalar(f64::NEG_INFINITY, dtype)?)
 }
 
-/// Logits of seen tokens: negative ones multiplied by `penalty`, positive ones divided by it.
-fn repetition_penalty(logits: &Array, tokens: &[u32], penalty: f32) -> Result<Array> {
-    let idx = Array::from_slice(tokens, &[1, tokens.len() as i32])?;
+/// Logits of seen tokens (`tokens`, then `last`): negative ones multiplied by `penalty`, positive
+/// ones divided by it.
+fn repetition_penalty(logits: &Array, tokens: &[u32], last: Option<&Array>, penalty: f32) -> Result<Array> {
+    let seen = (!tokens.is_empty()).then(|| Array::from_slice(tokens, &[1, tokens.len() as i32])).transpose()?;
+    let last = last.map(|t| t.reshape(&[1, 1])).transpose()?;
+    let idx = match (seen, last) {
+        (Some(a), Some(b)) => mlx::concatenate(&[&a, &b], 1)?,
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => return Ok(logits.clone()),
+    };
     let selected = logits.take_along_axis(&idx, 1)?;
     let pen = Array::scalar(f64::from(penalty), logits.dtype())?;
     let zero = Array::scalar(0.0, logits.dtype())?;
@@ -195,7 +205,7 @@ mod tests {
 
     fn draws(params: SamplingParams, l: &Array, n: usize) -> Vec<u32> {
         let mut s = Sampler::new(params).unwrap();
-        (0..n).map(|_| s.sample(l, &[]).unwrap().token.item::<u32>().unwrap()).collect()
+        (0..n).map(|_| s.sample(l, &[], None).unwrap().token.item::<u32>().unwrap()).collect()
     }
 
     #[test]
@@ -258,8 +268,16 @@ mod tests {
 
     #[test]
     fn repetition_penalty_discourages_seen_tokens() {
-        let l = logits(&[2.0, 1.9, 1.0]);
+        let l = logits(&[2.0, 1.9, 1.5]);
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..Default::default() }).unwrap();
-        assert_eq!(s.sample(&l, &[0]).unwrap().token.item::<u32>().unwrap(), 1);
+        assert_eq!(s.sample(&l, &[0], None).unwrap().token.item::<u32>().unwrap(), 1);
+        // The previous sample, not read yet, counts as seen as well.
+        let last = Array::from_slice(&[1u32], &[1]).unwrap();
+        assert_eq!(s.sample(&l, &[0], Some(&last)).unwrap().token.item::<u32>().unwrap(), 2);
+        // A window of one token holds only that last sample.
+        let mut one =
+            Sampler::new(SamplingParams { repetition_penalty: 1.5, repetition_context_size: 1, ..Default::default() })
+                .unwrap();
+        assert_eq!(one.sample(&l, &[0], Some(&last)).unwrap().token.item::<u32>().unwrap(), 0);
     }
 }

@@ -113,14 +113,11 @@ impl Sequence {
         Ok(Array::from_slice(&[self.prompt[self.prompt.len() - 1]], &[1])?)
     }
 
-    /// Whether the next step needs the value of the previous sampled token (for the penalty).
-    pub(crate) fn needs_history(&self) -> bool {
-        self.sampler.params().repetition_penalty != 1.0 && self.sampled > 0
-    }
-
-    /// Records the previous sampled token, read before the next step.
-    pub(crate) fn accept_input(&mut self, token: u32) {
-        self.accept(self.sampled - 1, token);
+    /// Whether the last sampled token is not read and accepted yet. Callers build a step before
+    /// reading the one before it, never two: so only the last sample can be unread, and its lazy
+    /// array stands in for it in a repetition penalty's window.
+    pub(crate) fn unread(&self) -> bool {
+        self.history.len() - self.prompt.len() < self.sampled
     }
 
     /// Whether the batch's shared argmax is this sequence's sample.
@@ -137,22 +134,16 @@ impl Sequence {
         i
     }
 
-    /// Samples this sequence's token from its row of logits (`[1, vocab]`).
-    pub(crate) fn sample_row(&mut self, logits: &Array) -> Result<Sampled> {
-        self.sampler.sample(logits, &self.history)
+    /// Samples this sequence's token from its row of logits (`[1, vocab]`); `last` is the
+    /// previous sample when its value is not read yet ([`Sequence::unread`]).
+    pub(crate) fn sample_row(&mut self, logits: &Array, last: Option<&Array>) -> Result<Sampled> {
+        self.sampler.sample(logits, &self.history, last)
     }
 
     /// The input token of the next decode step: the last prompt token first, then each sample.
     fn next_input(&mut self) -> Result<Array> {
         match self.pending.clone() {
-            Some(t) => {
-                // The penalty needs the previous token's value: read it now.
-                if self.sampler.params().repetition_penalty != 1.0 {
-                    let v = t.item::<u32>()?;
-                    self.accept(self.sampled - 1, v);
-                }
-                Ok(t.reshape(&[1, 1])?)
-            }
+            Some(t) => Ok(t.reshape(&[1, 1])?),
             None => {
                 let last = self.prompt[self.prompt.len() - 1];
                 Ok(Array::from_slice(&[last], &[1, 1])?)
@@ -234,7 +225,8 @@ impl Model {
         for (i, seq) in seqs.iter_mut().enumerate() {
             let row =
                 if seqs_len_is_one(&logits) { logits.clone() } else { logits.slice_axis(0, i as i32, i as i32 + 1)? };
-            let mut sampled = seq.sampler.sample(&row, &seq.history)?;
+            let last = if seq.unread() { seq.pending.clone() } else { None };
+            let mut sampled = seq.sampler.sample(&row, &seq.history, last.as_ref())?;
             sampled.index = seq.sampled;
             seq.sampled += 1;
             seq.pending = Some(sampled.token.clone());

@@ -140,6 +140,64 @@ fn streamed_text_equals_the_decoded_tokens() {
     assert_eq!(done.text, model.tokenizer.decode(&known, true).unwrap());
 }
 
+#[test]
+fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
+    // The penalty's window ends with the previous sample. When the next step is built before
+    // that sample is read (as the worker and `generate` do), its lazy value stands in for it.
+    let model = Model::load(&common::model_dir("llama-f32")).unwrap();
+    let golden = common::goldens().into_iter().find(|g| g.model == "llama-f32").expect("llama-f32 golden");
+    let prompts: Vec<Vec<u32>> = golden.cases.iter().map(|c| c.prompt_ids.clone()).chain([vec![5, 6, 7]]).collect();
+    let sampling = SamplingParams { repetition_penalty: 1.8, repetition_context_size: 3, ..Default::default() };
+    let steps = 16;
+    let batched = |overlap: bool| -> Vec<Vec<u32>> {
+        let mut seqs: Vec<Sequence> = prompts
+            .iter()
+            .map(|p| Sequence::new(&model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap())
+            .collect();
+        {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            while refs.iter().any(|s| s.needs_prefill()) {
+                model.prefill_chunks(&mut refs, 512).unwrap();
+            }
+        }
+        let mut batch = Batch::new();
+        model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
+        let accept = |seqs: &mut Vec<Sequence>, out: &mlx_serving_engine::BatchStep| {
+            let tokens = out.tokens.to_vec::<u32>().unwrap();
+            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+                s.accept(index, t);
+            }
+        };
+        let mut previous = None;
+        for _ in 0..steps {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let out = model.decode_batch(&mut batch, &mut refs).unwrap();
+            if overlap {
+                // Read a step only once the one after it is built.
+                if let Some(p) = previous.replace(out) {
+                    accept(&mut seqs, &p);
+                }
+            } else {
+                accept(&mut seqs, &out);
+            }
+        }
+        if let Some(p) = previous {
+            accept(&mut seqs, &p);
+        }
+        seqs.iter().map(|s| s.generated().to_vec()).collect()
+    };
+    let read_each_step = batched(false);
+    assert_eq!(batched(true), read_each_step);
+    let params =
+        GenerateParams { max_tokens: steps, ignore_eos: true, sampling: sampling.clone(), ..Default::default() };
+    for (p, want) in prompts.iter().zip(&read_each_step) {
+        assert_eq!(&model.generate(p, &params, |_| true).unwrap().tokens, want, "generate, prompt {p:?}");
+    }
+    // The penalty is in effect: greedy decoding without it gives other tokens.
+    let (plain, _) = batched_greedy(&model, &prompts, steps);
+    assert_ne!(plain, read_each_step);
+}
+
 /// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
 /// different lengths), and the first step's log-probabilities of each row.
 fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
