@@ -402,7 +402,7 @@ mlxs_array* mlxs_quantized_matmul(const mlxs_array* x, const mlxs_array* w,
     // [rows, k] matrix against a 2-D weight. MLX's CUDA backend runs a batched product as one
     // product per batch entry, each reading the whole weight: a step of 32 sequences read the
     // weights 32 times. Folded, they are read once. A plain [rows, k] input is left as it is.
-    if (xa.ndim() > 2 && w->a.ndim() == 2 &&
+    if (xa.ndim() > 2 && w->a.ndim() == 2 && xa.shape(-1) > 0 &&
         static_cast<int64_t>(xa.size() / xa.shape(-1)) > xa.shape(-2)) {
       auto shape = xa.shape();
       auto y = mx::quantized_matmul(mx::reshape(xa, {-1, xa.shape(-1)}), w->a, scales->a, b,
