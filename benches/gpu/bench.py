@@ -141,7 +141,7 @@ class Worker:
         for line in self.p.stderr:
             text = line.decode(errors="replace").rstrip()
             if "step timing" in text:
-                self.timings.append({k: float(v) for k, v in re.findall(r"(\w+_ms|steps)=([0-9.]+)", text)})
+                self.timings.append({k: float(v) for k, v in re.findall(r"\b(\w+_ms|\w*steps)=([0-9.]+)", text)})
                 continue
             self.stderr_tail = (self.stderr_tail + [text])[-20:]
 
@@ -585,7 +585,10 @@ def aggregate(server, prompts, levels, prompt_len, max_tokens, rounds, deadline)
         log(f"    {type(server).__name__:12s} {lv:4d} streams {best['tps']:9.1f} tok/s  "
             f"ttft p50 {best['ttft_p50_s'] * 1000:8.1f} ms p95 {best['ttft_p95_s'] * 1000:8.1f} ms  rounds {best['rounds']}"
             + (f"  step ms build/submit/wait/prefill {'/'.join(f'{t[k]:.2f}' for k in ('build_ms', 'submit_ms', 'wait_ms', 'prefill_ms'))}"
-               if (t := best.get("step_timing_mean_ms")) else ""))
+               if (t := best.get("step_timing_mean_ms")) else "")
+            + (f"; {int(t['steady_steps'])} decode-only steps: build/submit/wait "
+               f"{'/'.join(f'{t[k]:.2f}' for k in ('steady_build_ms', 'steady_submit_ms', 'steady_wait_ms'))}"
+               if t and t.get("steady_steps") else ""))
     return res
 
 
@@ -647,10 +650,18 @@ def mlx_lm_batch1_child(argv):
 
 
 def step_timing_mean(t):
+    """Means per step over the worker's timing lines; `steady_*`: over the steps that only decoded
+    (no prefill chunk, no row joining or leaving), when there were any."""
     n = sum(x["steps"] for x in t)
     if not n:
         return None
-    return {k: sum(x[k] * x["steps"] for x in t) / n for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")}
+    out = {k: sum(x[k] * x["steps"] for x in t) / n for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")}
+    m = sum(x.get("steady_steps", 0) for x in t)
+    out["steady_steps"] = m
+    if m:
+        out.update({k: sum(x[k] * x["steady_steps"] for x in t if x.get("steady_steps")) / m
+                    for k in ("steady_build_ms", "steady_submit_ms", "steady_wait_ms")})
+    return out
 
 
 def variants_model(name, mdir, a):

@@ -5,6 +5,7 @@
 //! cargo run --release -p mlx-serving-engine --example step_ops -- MODEL_DIR [ROWS] [separate]
 //! ```
 //! `separate`: the projections each on their own (the worker's `--stack-projections false`).
+//! `ragged`: prompts of different lengths (rows padded, attention masked) instead of equal ones.
 //! `time`: then 256 steps more, timed, as the worker runs them (step n+1 submitted before step
 //! n's tokens are read), and 64 steps each evaluated before the next is built.
 //! `benches/step_ops.py` prints the same count for mlx-lm's `generate_step` beside it.
@@ -18,11 +19,14 @@ fn main() -> Result<()> {
     let rows: usize = args.next().map_or(1, |r| r.parse().expect("ROWS: a number"));
     let words: Vec<String> = args.collect();
     let stack_projections = !words.iter().any(|w| w == "separate");
+    let ragged = words.iter().any(|w| w == "ragged");
     let model = Model::load_with(&dir, LoadOptions { stack_projections })?;
     let mut seqs = Vec::with_capacity(rows);
     for r in 0..rows {
-        // Prompts of the same length, so that no row is padded (as for one stream).
-        let prompt: Vec<u32> = (0..32).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect();
+        // Prompts of the same length, so that no row is padded (as for one stream); `ragged`:
+        // of different lengths, so that rows are padded and attention is masked.
+        let len = if ragged { 32 + 5 * r } else { 32 };
+        let prompt: Vec<u32> = (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect();
         seqs.push(Sequence::new(&model, prompt, Sampler::new(SamplingParams::default())?)?);
     }
     {
@@ -68,10 +72,15 @@ fn main() -> Result<()> {
         let steps = 256;
         let start = std::time::Instant::now();
         let mut pending = None;
+        let (mut build, mut submit) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for _ in 0..steps {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let t0 = std::time::Instant::now();
             let out = model.decode_batch(&mut batch, &mut refs)?;
+            let t1 = std::time::Instant::now();
             mlx::async_eval(&[&out.tokens])?;
+            build += t1 - t0;
+            submit += t1.elapsed();
             if let Some(p) = pending.replace(out) {
                 accept(&mut seqs, &p)?;
             }
@@ -89,9 +98,12 @@ fn main() -> Result<()> {
         }
         let serial = start.elapsed().as_secs_f64() / steps as f64;
         println!(
-            "timed: {:.3} ms per step pipelined ({:.1} steps/s), {:.3} ms evaluated one by one",
+            "timed: {:.3} ms per step pipelined ({:.1} steps/s; graph built in {:.3} ms, async_eval {:.3} ms), \
+             {:.3} ms evaluated one by one",
             pipelined * 1e3,
             1.0 / pipelined,
+            build.as_secs_f64() * 1e3 / 256.0,
+            submit.as_secs_f64() * 1e3 / 256.0,
             serial * 1e3
         );
     }

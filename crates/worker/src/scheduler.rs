@@ -125,7 +125,8 @@ pub struct Scheduler {
 /// `build`: building one step's graph and handing it to MLX, of which `submit` is MLX's
 /// `async_eval` (on a GPU it also launches the step's kernels); `wait`: blocked until the
 /// previous step's tokens can be read; `prefill`: prefill chunks, evaluated in place; `rest`: the
-/// rest of the loop (events, text, admission).
+/// rest of the loop (events, text, admission). `steady_*`: the same for the steps that only
+/// decode (no prefill chunk, no sequence joining or leaving a batch), apart from the mean.
 #[derive(Default)]
 struct StepTiming {
     steps: u32,
@@ -137,6 +138,12 @@ struct StepTiming {
     wait: Duration,
     /// Whole passes of the loop.
     total: Duration,
+    /// Set during a step that prefills, or whose batches gain or lose rows.
+    changed: bool,
+    steady_steps: u32,
+    steady_build: Duration,
+    steady_submit: Duration,
+    steady_wait: Duration,
 }
 
 impl StepTiming {
@@ -163,7 +170,9 @@ impl StepTiming {
             return;
         }
         self.lap();
-        let per = |d: Duration| (d.as_secs_f64() * 1e6 / f64::from(self.steps)).round() / 1e3;
+        let mean = |d: Duration, n: u32| (d.as_secs_f64() * 1e6 / f64::from(n.max(1))).round() / 1e3;
+        let per = |d: Duration| mean(d, self.steps);
+        let steady = |d: Duration| mean(d, self.steady_steps);
         let rest = self.total.saturating_sub(self.prefill + self.build + self.wait);
         tracing::debug!(
             steps = self.steps,
@@ -172,6 +181,10 @@ impl StepTiming {
             wait_ms = per(self.wait),
             prefill_ms = per(self.prefill),
             rest_ms = per(rest),
+            steady_steps = self.steady_steps,
+            steady_build_ms = steady(self.steady_build),
+            steady_submit_ms = steady(self.steady_submit),
+            steady_wait_ms = steady(self.steady_wait),
             "step timing (means per step)"
         );
         *self = StepTiming { loop_start: self.loop_start, ..StepTiming::default() };
@@ -540,32 +553,42 @@ impl Scheduler {
             self.timing.lap();
         }
         let t0 = Instant::now();
-        self.prefill_one_chunk();
+        let prefilled = self.prefill_one_chunk();
         let t1 = Instant::now();
+        self.timing.changed = prefilled;
+        let submitted = self.timing.submit;
         let next = self.start_decode();
         let t2 = Instant::now();
         let previous = std::mem::replace(&mut self.in_flight, next);
         let waited = self.read(previous);
         self.shared.steps.fetch_add(1, Relaxed);
         if timed {
-            self.timing.prefill += t1 - t0;
-            self.timing.build += t2 - t1;
-            self.timing.wait += waited;
-            self.timing.step_done();
+            let t = &mut self.timing;
+            t.prefill += t1 - t0;
+            t.build += t2 - t1;
+            t.wait += waited;
+            if !t.changed {
+                t.steady_steps += 1;
+                t.steady_build += t2 - t1;
+                t.steady_submit += t.submit - submitted;
+                t.steady_wait += waited;
+            }
+            t.step_done();
         }
     }
 
     /// One chunk of prompt tokens (`prefill_chunk` at most), from the oldest prompts still
     /// prefilling of one model, in one forward pass: a long prompt delays the running streams by
     /// one chunk per step rather than by its whole length, and many short prompts start together.
-    fn prefill_one_chunk(&mut self) {
+    /// Returns whether it ran one.
+    fn prefill_one_chunk(&mut self) -> bool {
         let Some(model) =
             self.running.iter().find(|r| r.done.is_none() && r.seq.needs_prefill()).map(|r| r.model.clone())
         else {
-            return;
+            return false;
         };
         let Some(loaded) = self.models.get(&model) else {
-            return;
+            return false;
         };
         let mut group: Vec<&mut Request> = Vec::new();
         let mut tokens = 0;
@@ -591,6 +614,7 @@ impl Scheduler {
                 }
             }
         }
+        true
     }
 
     /// Starts one decode step for every ready sequence (one batched forward pass per model) and
@@ -600,6 +624,7 @@ impl Scheduler {
         let mut out = Vec::new();
         let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
         let submit = &mut self.timing.submit;
+        let changed = &mut self.timing.changed;
         for (name, loaded) in &mut self.models {
             let running = &mut self.running;
             let gone: Vec<u64> = loaded
@@ -623,6 +648,7 @@ impl Scheduler {
                 } else {
                     Vec::new()
                 };
+                *changed |= !gone.is_empty() || !joining.is_empty();
                 let caches = if joining.is_empty() {
                     Vec::new()
                 } else {
