@@ -30,6 +30,12 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 stash=/root/mlx-gpu
+# MLX for CUDA and mlx-lm from the stash and .gpu/p2 (shared/gpu/README.md), into this shell.
+mlx_cuda() {
+  cp $stash/nvidia_cutlass-*.whl .gpu/p2/
+  # shellcheck disable=SC1091
+  set +eu; source .gpu/p2/setup.sh; local rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+}
 case "${1:-}" in
 prepare)
   grep -qx '/.gpu/' .git/info/exclude || echo /.gpu/ >> .git/info/exclude
@@ -73,7 +79,6 @@ run)
   shift
   start=$(date +%s)
   [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
-  cp $stash/nvidia_cutlass-*.whl .gpu/p2/
   xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
   [ ! -f $stash/step_ops.xz ] || { xz -dc $stash/step_ops.xz > /tmp/step_ops && chmod +x /tmp/step_ops; }
   if [ -f .gpu/x3/libcupti.so.13.xz ]; then
@@ -84,8 +89,7 @@ run)
     xz -dc .gpu/x2/mlx-serving.xz > /tmp/mlx-serving && chmod +x /tmp/mlx-serving
     serve=(--serve /tmp/mlx-serving)
   fi
-  # shellcheck disable=SC1091
-  set +eu; source .gpu/p2/setup.sh; rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+  mlx_cuda
   out=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$out"
   ldd /tmp/mlx-serving-worker | grep -i "mlx\|not found" || true
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
@@ -101,9 +105,7 @@ py)
   # One Python script against MLX CUDA, e.g. the quantized-matmul microbenchmark:
   #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
   shift
-  cp $stash/nvidia_cutlass-*.whl .gpu/p2/
-  # shellcheck disable=SC1091
-  set +eu; source .gpu/p2/setup.sh; rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+  mlx_cuda
   PYTHONUNBUFFERED=1 python3 "$@"
   ;;
 local)

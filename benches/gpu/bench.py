@@ -608,12 +608,11 @@ def bench_model(name, mdir, a, bw, deadline):
             return {"roofline_tps": streams * bw / step_bytes, "share": tps / (streams * bw / step_bytes)}
         b1_ctx = a.prompt + a.decode / 2
         rec["batch1_ours"] = ours_batch1(w, prompts, a.prompt, a.decode, a.prefill, a.runs)
-        t = rec["batch1_ours"]["step_timing"]
-        if t:
-            n = sum(x["steps"] for x in t)
-            mean = {k: sum(x[k] * x["steps"] for x in t) / n for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")}
+        mean = step_timing_mean(rec["batch1_ours"]["step_timing"])
+        if mean:
             rec["batch1_ours"]["step_timing_mean_ms"] = mean
-            log("  ours   batch-1 decode step timing (ms per step): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in mean.items()))
+            log("  ours   batch-1 decode step timing (ms per step): "
+                + ", ".join(f"{k[:-3]} {mean[k]:.3f}" for k in ("build_ms", "submit_ms", "wait_ms", "prefill_ms", "rest_ms")))
         rec["batch1_ours"].update(roof(rec["batch1_ours"]["decode_tps"], 1, b1_ctx))
         log(f"  ours   batch-1 decode {rec['batch1_ours']['decode_tps']:.1f} tok/s, prefill {rec['batch1_ours']['prefill_tps']:.0f} tok/s")
         save()

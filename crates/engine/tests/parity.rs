@@ -2,7 +2,7 @@
 mod common;
 
 use mlx::Dtype;
-use mlx_serving_engine::{Batch, GenerateParams, LoadOptions, Model, Sampler, SamplingParams, Sequence};
+use mlx_serving_engine::{Batch, BatchStep, GenerateParams, LoadOptions, Model, Sampler, SamplingParams, Sequence};
 
 fn tolerance(model: &str) -> f64 {
     // Quantized kernels may accumulate in another order than the reference; dense ones do not.
@@ -150,24 +150,7 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
     let sampling = SamplingParams { repetition_penalty: 1.8, repetition_context_size: 3, ..Default::default() };
     let steps = 16;
     let batched = |overlap: bool| -> Vec<Vec<u32>> {
-        let mut seqs: Vec<Sequence> = prompts
-            .iter()
-            .map(|p| Sequence::new(&model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap())
-            .collect();
-        {
-            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            while refs.iter().any(|s| s.needs_prefill()) {
-                model.prefill_chunks(&mut refs, 512).unwrap();
-            }
-        }
-        let mut batch = Batch::new();
-        model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
-        let accept = |seqs: &mut Vec<Sequence>, out: &mlx_serving_engine::BatchStep| {
-            let tokens = out.tokens.to_vec::<u32>().unwrap();
-            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-                s.accept(index, t);
-            }
-        };
+        let (mut seqs, mut batch) = joined_batch(&model, &prompts, &sampling);
         let mut previous = None;
         for _ in 0..steps {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
@@ -175,14 +158,14 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
             if overlap {
                 // Read a step only once the one after it is built.
                 if let Some(p) = previous.replace(out) {
-                    accept(&mut seqs, &p);
+                    accept_step(&mut seqs, &p);
                 }
             } else {
-                accept(&mut seqs, &out);
+                accept_step(&mut seqs, &out);
             }
         }
         if let Some(p) = previous {
-            accept(&mut seqs, &p);
+            accept_step(&mut seqs, &p);
         }
         seqs.iter().map(|s| s.generated().to_vec()).collect()
     };
@@ -201,9 +184,24 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
 /// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
 /// different lengths), and the first step's log-probabilities of each row.
 fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
+    let (mut seqs, mut batch) = joined_batch(model, prompts, &SamplingParams::default());
+    let mut first = Vec::new();
+    for step in 0..steps {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let out = model.decode_batch(&mut batch, &mut refs).unwrap();
+        if step == 0 {
+            first = out.logprobs.astype(Dtype::Float32).unwrap().to_vec::<f32>().unwrap();
+        }
+        accept_step(&mut seqs, &out);
+    }
+    (seqs.iter().map(|s| s.generated().to_vec()).collect(), first)
+}
+
+/// Sequences of `prompts`, prefilled together and joined into one batch, as the worker does.
+fn joined_batch(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> (Vec<Sequence>, Batch) {
     let mut seqs: Vec<Sequence> = prompts
         .iter()
-        .map(|p| Sequence::new(model, p.clone(), Sampler::new(SamplingParams::default()).unwrap()).unwrap())
+        .map(|p| Sequence::new(model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap())
         .collect();
     {
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
@@ -213,19 +211,15 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec
     }
     let mut batch = Batch::new();
     model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
-    let mut first = Vec::new();
-    for step in 0..steps {
-        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        let out = model.decode_batch(&mut batch, &mut refs).unwrap();
-        if step == 0 {
-            first = out.logprobs.astype(Dtype::Float32).unwrap().to_vec::<f32>().unwrap();
-        }
-        let tokens = out.tokens.to_vec::<u32>().unwrap();
-        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-            s.accept(index, t);
-        }
+    (seqs, batch)
+}
+
+/// Reads a batch step's tokens into its rows' sequences.
+fn accept_step(seqs: &mut [Sequence], out: &BatchStep) {
+    let tokens = out.tokens.to_vec::<u32>().unwrap();
+    for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+        s.accept(index, t);
     }
-    (seqs.iter().map(|s| s.generated().to_vec()).collect(), first)
 }
 
 #[test]
