@@ -1,9 +1,11 @@
 //! `mlx-serving admin`: calls the admin API of a running supervisor and prints the answer for
 //! people, or as JSON with `--json`.
+use crate::emit;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use mlx_serving_supervisor::admin::{Listen, call};
 use serde_json::{Value, json};
+use std::fmt::Write as _;
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -80,12 +82,12 @@ pub fn run(args: AdminArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(call(&listen, args.token.as_deref(), method, params));
     match result {
-        Ok(v) if args.json => println!("{}", serde_json::to_string_pretty(&v)?),
-        Ok(v) if method == "status" => print_status(&v),
-        Ok(v) => println!("{method}: {}", compact(&v)),
+        Ok(v) if args.json => emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?,
+        Ok(v) if method == "status" => emit(&status_text(&v))?,
+        Ok(v) => emit(&format!("{method}: {}\n", compact(&v)))?,
         Err(e) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&json!({ "error": e }))?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&json!({ "error": e }))?))?;
             }
             match e.get("code") {
                 Some(code) => bail!("{method} failed ({code}): {}", e["message"].as_str().unwrap_or("")),
@@ -107,8 +109,10 @@ fn mib(v: &Value) -> String {
     v.as_u64().map_or("-".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64))
 }
 
-fn print_status(v: &Value) {
-    println!(
+fn status_text(v: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
         "workers: {} ready of {} target; requests: {} active, {} moved off dead workers, {} retried; uptime {:.0} s{}",
         v["ready_workers"],
         v["target_workers"],
@@ -118,14 +122,16 @@ fn print_status(v: &Value) {
         v["uptime_s"].as_f64().unwrap_or(0.0),
         if v["shutting_down"] == true { "; SHUTTING DOWN" } else { "" },
     );
-    println!(
+    let _ = writeln!(
+        s,
         "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  models",
         "id", "state", "pid", "gen", "load", "rss MiB", "mlx MiB", "breaker", "restarts"
     );
     for w in v["workers"].as_array().into_iter().flatten() {
         let models: Vec<&str> =
             w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
-        println!(
+        let _ = writeln!(
+            s,
             "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}",
             w["id"].to_string(),
             w["state"].as_str().unwrap_or("?"),
@@ -139,7 +145,8 @@ fn print_status(v: &Value) {
             models.join(","),
         );
         if let Some(c) = w["last_crash"].as_object() {
-            println!(
+            let _ = writeln!(
+                s,
                 "       last crash: {} (pid {}, {} requests in flight)",
                 c["reason"].as_str().unwrap_or("?"),
                 c["pid"],
@@ -147,4 +154,5 @@ fn print_status(v: &Value) {
             );
         }
     }
+    s
 }

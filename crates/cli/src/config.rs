@@ -36,14 +36,14 @@ pub fn run(args: ConfigArgs) -> Result<()> {
             }
             let mut config = overrides.load()?;
             redact(&mut config);
-            print!("{}", toml::to_string(&config)?);
+            crate::emit(&toml::to_string(&config)?)?;
             match &overrides.config {
                 Some(path) => eprintln!("{}: valid", path.display()),
                 None => eprintln!("no file: the defaults are valid"),
             }
         }
         ConfigCommand::Schema => {
-            println!("{}", serde_json::to_string_pretty(&schemars::schema_for!(Config))?);
+            crate::emit(&format!("{}\n", serde_json::to_string_pretty(&schemars::schema_for!(Config))?))?;
         }
     }
     Ok(())

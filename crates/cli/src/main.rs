@@ -5,6 +5,7 @@ mod generate;
 mod serve;
 
 use clap::{Parser, Subcommand};
+use std::io::Write as _;
 
 #[derive(Parser)]
 #[command(name = "mlx-serving", version, about = "Serve LLMs from a pool of MLX workers")]
@@ -35,5 +36,15 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Writes to standard output. A reader that went away (`admin status | head -1`) ends the output
+/// quietly instead of failing: what it wanted, it has read.
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }

@@ -197,6 +197,18 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("2 ready of 2 target") && text.contains("m,m2"), "{text}");
+        // A reader that has gone (`admin status | head -1`) ends the output quietly.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
+            .args(["admin", "--addr", &addr(&s.listen)])
+            .args(["--token", TOKEN, "status"])
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
         let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
             .args(["admin", "--addr", &addr(&s.listen)])
             .args(["--token", TOKEN, "scale", "-3"])
