@@ -20,6 +20,9 @@
 # A Python script against MLX CUDA (same call 2, after call 1):
 #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
 #   bash benches/gpu.sh py benches/gpu/sdpa.py --out \$OUT/sdpa.json   (padding-masked decode attention)
+#   bash benches/gpu.sh py benches/gpu/hostcost.py --out \$OUT/hostcost.json   (host time per operation)
+# Any command there, e.g. the operation counter on a model made by bench_models.py:
+#   bash benches/gpu.sh sh /tmp/step_ops /tmp/models/qwen3-0.6b-q4 8 ragged time
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
 # call: bench.py skips what its time budget cannot fit and says so (docs/benchmarks-gpu.md).
 #
@@ -35,6 +38,13 @@ mlx_cuda() {
   cp $stash/nvidia_cutlass-*.whl .gpu/p2/
   # shellcheck disable=SC1091
   set +eu; source .gpu/p2/setup.sh; local rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
+}
+# The worker and the operation counter from the stash (call 1), to /tmp.
+unpack() {
+  [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
+  for b in mlx-serving-worker step_ops; do
+    [ ! -f $stash/$b.xz ] || { xz -dc $stash/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
+  done
 }
 case "${1:-}" in
 prepare)
@@ -78,9 +88,7 @@ stash)
 run)
   shift
   start=$(date +%s)
-  [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
-  xz -dc $stash/mlx-serving-worker.xz > /tmp/mlx-serving-worker && chmod +x /tmp/mlx-serving-worker
-  [ ! -f $stash/step_ops.xz ] || { xz -dc $stash/step_ops.xz > /tmp/step_ops && chmod +x /tmp/step_ops; }
+  unpack
   if [ -f .gpu/x3/libcupti.so.13.xz ]; then
     mkdir -p /tmp/cupti && xz -dc .gpu/x3/libcupti.so.13.xz > /tmp/cupti/libcupti.so.13 && cp .gpu/x3/libcupti_trace.so /tmp/cupti/
   fi
@@ -107,6 +115,14 @@ py)
   shift
   mlx_cuda
   PYTHONUNBUFFERED=1 python3 "$@"
+  ;;
+sh)
+  # Any command with MLX CUDA set up (the stashed binaries unpacked under /tmp), e.g.
+  #   bash benches/gpu.sh sh /tmp/step_ops /tmp/models/qwen3-0.6b-q4 8 ragged time
+  shift
+  unpack
+  mlx_cuda
+  "$@"
   ;;
 local)
   shift

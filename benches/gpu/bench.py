@@ -622,6 +622,16 @@ def bench_model(name, mdir, a, bw, deadline):
         save()
     finally:
         w.close()
+    if a.ours_b:
+        # The same aggregate rounds from a worker started with other flags, for an A/B in one call.
+        w = Worker(a.binary, a.device, max(a.levels), a.kv_cache_bytes, extra=a.ours_b)
+        try:
+            w.call("load_model", {"model": "m", "path": mdir})
+            log(f"  ours with {' '.join(a.ours_b)}:")
+            rec["aggregate_ours_b"] = {"args": a.ours_b, **aggregate(w, prompts, a.levels, a.prompt, a.agg_tokens, a.rounds, deadline)}
+            save()
+        finally:
+            w.close()
     rec["batch1_mlx_lm"] = mlx_lm_batch1(mdir, prompts, a.prompt, a.decode, a.prefill, a.runs)
     rec["batch1_mlx_lm"].update(roof(rec["batch1_mlx_lm"]["decode_tps"], 1, b1_ctx))
     log(f"  mlx-lm batch-1 decode {rec['batch1_mlx_lm']['decode_tps']:.1f} tok/s, prefill {rec['batch1_mlx_lm']['prefill_tps']:.0f} tok/s")
@@ -929,6 +939,9 @@ def main():
     ap.add_argument("--variant-stack", nargs="+", default=["true", "false"])
     ap.add_argument("--trace", help="cupti_trace.so: record one traced batch-1 decode of each engine in --trace-engines (with --variants: as well)")
     ap.add_argument("--trace-engines", nargs="+", default=["ours-stacked", "ours-separate", "mlx-lm"])
+    ap.add_argument("--ours-b", nargs="+", metavar="FLAG",
+                    help="also measure the aggregate rounds of a worker started with these flags (an A/B), e.g. "
+                         "--ours-b=--padded-attention-kernel=false")
     ap.add_argument("--step-ops", help="the step_ops example binary: count one decode step's operations of each model")
     a = ap.parse_args()
     OUT = Path(a.out)

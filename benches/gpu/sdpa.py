@@ -16,7 +16,28 @@ import argparse
 import json
 import time
 
+from pathlib import Path
+
 import mlx.core as mx
+
+KERNEL = Path(__file__).resolve().parents[2] / "crates/mlx/shim/padded_attention.inc"
+
+
+def padded_kernel():
+    """The shim's padded decode-attention kernel for MLX CUDA, from its source file, or None off CUDA."""
+    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+        return None
+    src = KERNEL.read_text()
+    src = src[src.index('R"cuda(') + len('R"cuda('): src.rindex(')cuda"')]
+    return mx.fast.cuda_kernel(name="padded_attention", input_names=["q", "k", "v", "starts", "scale"],
+                               output_names=["out"], source=src, ensure_row_contiguous=False)
+
+
+def kernel_attention(kern, q, k, v, starts, scale):
+    b, h, _, d = q.shape
+    return kern(inputs=[q, k, v, starts, mx.array([scale], dtype=mx.float32)],
+                template=[("D", d), ("T", q.dtype)], grid=(128 * h, b, 1), threadgroup=(128, 1, 1),
+                output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
 
 
 def reference(q, k, v, mask, scale):
@@ -63,8 +84,9 @@ def main():
     print(f"device {mx.default_device()}, mlx {mx.__version__}", flush=True)
     scale = a.head_dim ** -0.5
     results = []
-    names = ("mask", "none", "bias", "folded")
-    print("| rows | max error: masked / folded | max error had the mask been ignored | host ms per step: "
+    kern = padded_kernel()
+    names = ("mask", "none", "bias", "folded") + (("kernel",) if kern else ())
+    print("| rows | max error: masked / folded / kernel | max error had the mask been ignored | host ms per step: "
           + " / ".join(names) + " | wall ms per step: " + " / ".join(names) + " |")
     print("|---|---|---|---|---|")
     for rows in a.rows:
@@ -82,12 +104,17 @@ def main():
         unmasked = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         err = mx.abs(got.astype(mx.float32) - ref).max().item()
         err_folded = mx.abs(folded(q, k, v, mask, scale).astype(mx.float32) - ref).max().item()
+        starts = mx.array(pads, dtype=mx.int32)
+        err_kernel = (mx.abs(kernel_attention(kern, q, k, v, starts, scale).astype(mx.float32) - ref).max().item()
+                      if kern else float("nan"))
         err_ignored = mx.abs(unmasked.astype(mx.float32) - ref).max().item() if max(pads) else 0.0
 
         def step(name):
             # One attention per layer, each on its own query so none is shared.
             if name == "folded":
                 return [folded(q + i, k, v, mask, scale) for i in range(a.layers)]
+            if name == "kernel":
+                return [kernel_attention(kern, q + i, k, v, starts, scale) for i in range(a.layers)]
             m = {"mask": mask, "none": None, "bias": bias}[name]
             return [mx.fast.scaled_dot_product_attention(q + i, k, v, scale=scale, mask=m) for i in range(a.layers)]
 
@@ -107,8 +134,8 @@ def main():
             host.sort()
             wall.sort()
             timing[name] = {"host_ms": host[len(host) // 2], "wall_ms": wall[len(wall) // 2]}
-        results.append({"rows": rows, "pads": pads, "max_error": err, "max_error_folded": err_folded, "max_error_mask_ignored": err_ignored, **timing})
-        print(f"| {rows} | {err:.4f} / {err_folded:.4f} | {err_ignored:.4f} | "
+        results.append({"rows": rows, "pads": pads, "max_error": err, "max_error_folded": err_folded, "max_error_kernel": err_kernel, "max_error_mask_ignored": err_ignored, **timing})
+        print(f"| {rows} | {err:.4f} / {err_folded:.4f} / {err_kernel:.4f} | {err_ignored:.4f} | "
               + " / ".join(f"{timing[n]['host_ms']:.2f}" for n in names) + " | "
               + " / ".join(f"{timing[n]['wall_ms']:.2f}" for n in names) + " |", flush=True)
     if a.out:

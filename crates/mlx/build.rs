@@ -22,6 +22,7 @@ fn main() {
     println!("cargo:rerun-if-changed=shim/shim.h");
     println!("cargo:rerun-if-changed=shim/internal.h");
     println!("cargo:rerun-if-changed=shim/gemm.cpp");
+    println!("cargo:rerun-if-changed=shim/padded_attention.inc");
 
     let root = find_mlx().unwrap_or_else(|why| panic!("{why}\n\n{INSTALL_HINT}"));
     let include = root.join("include");

@@ -8,6 +8,14 @@
 //! `ragged`: prompts of different lengths (rows padded, attention masked) instead of equal ones.
 //! `time`: then 256 steps more, timed, as the worker runs them (step n+1 submitted before step
 //! n's tokens are read), and 64 steps each evaluated before the next is built.
+//! `prefill`: instead, times the prefill of ROWS prompts of 128 tokens in chunks of 512 (as the
+//! worker admits a burst of requests), their joining a batch a chunk at a time, and the prefill
+//! of one prompt as long as all of them.
+//! `nokernel`: padded rows attend through MLX's masked attention even where the padded-attention
+//! kernel runs (MLX CUDA).
+//! `agree`: instead, the first 32 greedy tokens of ROWS prompts of different lengths decoded in
+//! one batch (with the padded-attention kernel where it runs, and without), against each
+//! prompt decoded alone (no padding): how many tokens agree, and where rows first differ.
 //! `benches/step_ops.py` prints the same count for mlx-lm's `generate_step` beside it.
 use std::path::PathBuf;
 
@@ -20,7 +28,15 @@ fn main() -> Result<()> {
     let words: Vec<String> = args.collect();
     let stack_projections = !words.iter().any(|w| w == "separate");
     let ragged = words.iter().any(|w| w == "ragged");
-    let model = Model::load_with(&dir, LoadOptions { stack_projections })?;
+    let padded_attention_kernel = !words.iter().any(|w| w == "nokernel");
+    let model = Model::load_with(&dir, LoadOptions { stack_projections, padded_attention_kernel })?;
+    if words.iter().any(|w| w == "prefill") {
+        return time_prefill(&model, rows);
+    }
+    if words.iter().any(|w| w == "agree") {
+        let other = Model::load_with(&dir, LoadOptions { stack_projections, padded_attention_kernel: false })?;
+        return agree(&model, &other, rows);
+    }
     let mut seqs = Vec::with_capacity(rows);
     for r in 0..rows {
         // Prompts of the same length, so that no row is padded (as for one stream); `ragged`:
@@ -105,6 +121,106 @@ fn main() -> Result<()> {
             build.as_secs_f64() * 1e3 / 256.0,
             submit.as_secs_f64() * 1e3 / 256.0,
             serial * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// Prefill of `rows` prompts of 128 tokens, chunk by chunk as the worker runs it, each chunk's
+/// prompts then joining one batch; and one prompt of all their tokens. Times in milliseconds.
+fn time_prefill(model: &Model, rows: usize) -> Result<()> {
+    const LEN: usize = 128;
+    const CHUNK: usize = 512;
+    let prompt =
+        |r: usize, len: usize| -> Vec<u32> { (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect() };
+    let run = |rows: usize, len: usize| -> Result<(f64, f64, usize)> {
+        let mut seqs = (0..rows)
+            .map(|r| Sequence::new(model, prompt(r, len), Sampler::new(SamplingParams::default())?))
+            .collect::<Result<Vec<_>>>()?;
+        let (mut prefill, mut join, mut chunks) = (0.0, 0.0, 0);
+        let mut batch = Batch::new();
+        let mut joined = 0;
+        while joined < rows {
+            let t = std::time::Instant::now();
+            let mut refs: Vec<&mut Sequence> = seqs[joined..].iter_mut().collect();
+            model.prefill_chunks(&mut refs, CHUNK)?;
+            prefill += t.elapsed().as_secs_f64() * 1e3;
+            chunks += 1;
+            let ready = seqs[joined..].iter().take_while(|s| !s.needs_prefill()).count();
+            let t = std::time::Instant::now();
+            let group = seqs[joined..joined + ready].iter_mut().enumerate().map(|(i, s)| ((joined + i) as u64, s));
+            model.join(&mut batch, group.collect())?;
+            mlx::eval(&batch.arrays())?;
+            join += t.elapsed().as_secs_f64() * 1e3;
+            joined += ready;
+        }
+        Ok((prefill, join, chunks))
+    };
+    run(rows, LEN)?; // warm-up
+    run(1, rows * LEN)?;
+    let (prefill, join, chunks) = run(rows, LEN)?;
+    let (one, _, one_chunks) = run(1, rows * LEN)?;
+    let tokens = (rows * (LEN - 1)) as f64;
+    println!(
+        "prefill: {rows} prompts x {LEN} tokens in {chunks} chunks of {CHUNK}: {prefill:.1} ms ({:.0} tok/s), \
+         joining a batch chunk by chunk {join:.1} ms; one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms \
+         ({:.0} tok/s)",
+        tokens / prefill * 1e3,
+        rows * LEN,
+        (rows * LEN - 1) as f64 / one * 1e3
+    );
+    Ok(())
+}
+
+/// Greedy tokens of `prompts` decoded together in one batch, `steps` each.
+fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
+    let mut seqs = prompts
+        .iter()
+        .map(|p| Sequence::new(model, p.clone(), Sampler::new(SamplingParams::default())?))
+        .collect::<Result<Vec<_>>>()?;
+    {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        while refs.iter().any(|s| s.needs_prefill()) {
+            model.prefill_chunks(&mut refs, 512)?;
+        }
+    }
+    let mut batch = Batch::new();
+    model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+    let mut out = vec![Vec::with_capacity(steps); prompts.len()];
+    for _ in 0..steps {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let step = model.decode_batch(&mut batch, &mut refs)?;
+        let tokens = step.tokens.to_vec::<u32>()?;
+        for (r, (s, (&t, &(_, index)))) in seqs.iter_mut().zip(tokens.iter().zip(&step.rows)).enumerate() {
+            s.accept(index, t);
+            out[r].push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Ragged rows in one batch, with `model` and `other`, against each row alone.
+fn agree(model: &Model, other: &Model, rows: usize) -> Result<()> {
+    const STEPS: usize = 32;
+    let prompts: Vec<Vec<u32>> =
+        (0..rows).map(|r| (0..20 + 9 * r).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect()).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| Ok(batched_greedy(model, std::slice::from_ref(p), STEPS)?.remove(0)))
+        .collect::<Result<_>>()?;
+    for (name, m) in [("this build", model), ("masked attention", other)] {
+        let together = batched_greedy(m, &prompts, STEPS)?;
+        let same: usize =
+            together.iter().zip(&alone).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count()).sum();
+        let first: Vec<String> = together
+            .iter()
+            .zip(&alone)
+            .map(|(a, b)| a.iter().zip(b).position(|(x, y)| x != y).map_or("-".into(), |i| i.to_string()))
+            .collect();
+        println!(
+            "agree ({name}): {same} of {} tokens equal to each row decoded alone; first difference per row: {}",
+            rows * STEPS,
+            first.join(" ")
         );
     }
     Ok(())

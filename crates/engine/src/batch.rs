@@ -7,7 +7,7 @@
 //! and each row's rotary positions start at its own offset, so a row computes what its sequence
 //! would compute alone. Sequences join after their prompt is prefilled (their own cache is
 //! copied into a new row) and leave when they stop; the common left padding is then dropped.
-use mlx::fast::{Mask, RopeOffset};
+use mlx::fast::{self, Mask, RopeOffset};
 use mlx::{Array, Dtype};
 
 use crate::Model;
@@ -38,6 +38,8 @@ pub struct StepLayout {
     offsets: Option<Array>,
     offset: i32,
     mask: Option<Array>,
+    /// Instead of `mask`, with the padded-attention kernel: each row's first column, `[rows]`.
+    starts: Option<Array>,
 }
 
 impl StepLayout {
@@ -48,11 +50,14 @@ impl StepLayout {
         }
     }
 
-    pub fn mask(&self) -> Mask<'_> {
-        match &self.mask {
-            Some(m) => Mask::Array(m),
-            None => Mask::None,
-        }
+    /// This step's attention of `queries` (`[rows, heads, 1, head_dim]`) over the rows' keys and
+    /// values: padding columns are left out, by the padded-attention kernel or by a mask.
+    pub fn attention(&self, queries: &Array, keys: &Array, values: &Array, scale: f32) -> Result<Array> {
+        Ok(match (&self.starts, &self.mask) {
+            (Some(starts), _) => fast::padded_attention(queries, keys, values, scale, starts)?,
+            (None, Some(m)) => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::Array(m))?,
+            (None, None) => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::None)?,
+        })
     }
 }
 
@@ -67,8 +72,9 @@ impl BatchCache {
     }
 
     /// Makes room for one more column and describes the step: each row's rotary offset and,
-    /// when rows are padded, the attention mask over columns `[0, idx]`.
-    pub fn begin_step(&mut self) -> Result<StepLayout> {
+    /// when rows are padded, the attention mask over columns `[0, idx]` (with `kernel`, each
+    /// row's first column instead, for the padded-attention kernel).
+    pub fn begin_step(&mut self, kernel: bool) -> Result<StepLayout> {
         if self.idx + 1 > self.capacity() {
             for l in &mut self.layers {
                 let grow = |a: &Array| -> Result<Array> {
@@ -89,7 +95,9 @@ impl BatchCache {
             let o: Vec<i32> = self.pads.iter().map(|p| self.idx - p).collect();
             Some(Array::from_slice(&o, &[rows as i32])?)
         };
-        let mask = if self.pads.iter().all(|&p| p == 0) {
+        let padded = self.pads.iter().any(|&p| p != 0);
+        let starts = if padded && kernel { Some(Array::from_slice(&self.pads, &[rows as i32])?) } else { None };
+        let mask = if !padded || kernel {
             None
         } else {
             let cols = (self.idx + 1) as usize;
@@ -99,7 +107,7 @@ impl BatchCache {
             }
             Some(Array::from_slice(&m, &[rows as i32, 1, 1, cols as i32])?)
         };
-        Ok(StepLayout { offsets, offset: self.idx - first, mask })
+        Ok(StepLayout { offsets, offset: self.idx - first, mask, starts })
     }
 
     /// Writes one new position of every row (`[rows, kv_heads, 1, head_dim]`) into `layer` at

@@ -227,8 +227,8 @@ fn stacked_projections_change_no_value() {
     // Dense with biases, quantized at two group sizes, q/k norms: every part of a stacked product.
     for name in ["qwen2-bf16", "qwen3-bf16", "qwen3-q4g64", "llama-q4g32"] {
         let dir = common::model_dir(name);
-        let stacked = Model::load_with(&dir, LoadOptions { stack_projections: true }).unwrap();
-        let separate = Model::load_with(&dir, LoadOptions { stack_projections: false }).unwrap();
+        let stacked = Model::load_with(&dir, LoadOptions { stack_projections: true, ..Default::default() }).unwrap();
+        let separate = Model::load_with(&dir, LoadOptions { stack_projections: false, ..Default::default() }).unwrap();
         assert!(stacked.weight_bytes() == separate.weight_bytes(), "{name}: the same weights");
         let prompts: Vec<Vec<u32>> = vec![(10..40).collect(), vec![5, 6, 7], (100..117).collect()];
         let (a_tokens, a_first) = batched_greedy(&stacked, &prompts, 12);

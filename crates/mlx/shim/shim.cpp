@@ -475,6 +475,49 @@ mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array
   });
 }
 
+// Decode attention over left-padded batch rows as one kernel on MLX's CUDA backend, whose fused
+// attention takes no mask: with one, MLX composes it from about 15 operations per layer.
+static const char* const kPaddedAttention =
+#include "padded_attention.inc"
+    ;
+
+int mlxs_padded_attention_available(void) {
+  try {
+    return mx::cu::is_available() && mx::default_device().type == mx::Device::gpu ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v,
+                                  float scale, const mlxs_array* starts) {
+  return guard([&] {
+    const auto& qa = q->a;
+    const int d = qa.ndim() == 4 ? qa.shape(3) : 0;
+    if (d == 0 || d % 32 != 0 || d > 256 || qa.shape(2) != 1 || k->a.ndim() != 4 ||
+        v->a.ndim() != 4 || k->a.shape(0) != qa.shape(0) || k->a.shape(3) != d ||
+        v->a.shape() != k->a.shape() || k->a.shape(1) == 0 || qa.shape(1) % k->a.shape(1) != 0 ||
+        starts->a.ndim() != 1 || starts->a.shape(0) != qa.shape(0)) {
+      throw std::invalid_argument(
+          "padded_attention: q [B, H, 1, D] (D a multiple of 32 up to 256), k and v [B, Hkv, N, D] "
+          "with H a multiple of Hkv, starts [B]");
+    }
+    if (!mlxs_padded_attention_available()) {
+      throw std::runtime_error(
+          "padded_attention: needs MLX's CUDA backend with the GPU as default device");
+    }
+    static const mx::fast::CustomKernelFunction kernel = mx::fast::cuda_kernel(
+        "mlxs_padded_attention", {"q", "k", "v", "starts", "scale"}, {"out"}, kPaddedAttention,
+        "", /* ensure_row_contiguous= */ false);
+    // The kernel reads the last dimension with stride 1.
+    auto unit = [](const mx::array& a) { return a.strides().back() == 1 ? a : mx::contiguous(a); };
+    return kernel({unit(qa), unit(k->a), unit(v->a), mx::astype(starts->a, mx::int32),
+                   mx::array({scale})},
+                  {qa.shape()}, {qa.dtype()}, {128 * qa.shape(1), qa.shape(0), 1}, {128, 1, 1},
+                  {{"D", d}, {"T", qa.dtype()}}, std::nullopt, false, {})[0];
+  });
+}
+
 mlxs_array* mlxs_swiglu(const mlxs_array* gate, const mlxs_array* x) {
   static auto compiled = mx::compile(swiglu_impl, /* shapeless= */ true);
   return guard([&] { return compiled({gate->a, x->a})[0]; });

@@ -175,6 +175,11 @@ mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base
 // `mask_mode` is "" or "causal"; `mask` (nullable) is an additive or boolean mask array.
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale,
                       const char* mask_mode, const mlxs_array* mask);
+// Whether mlxs_padded_attention runs here: MLX's CUDA backend, on the GPU.
+int mlxs_padded_attention_available(void);
+// Decode attention of q [B, H, 1, D] over k, v [B, Hkv, N, D], row b over columns [starts[b], N).
+mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v,
+                                  float scale, const mlxs_array* starts);
 // A bfloat16 matrix product on the CPU with exactly the results of MLX's own (gemm.cpp).
 // 1 where offered (everywhere but Apple's Accelerate build of MLX), else 0.
 int mlxs_packed_matmul_supported(void);

@@ -63,6 +63,22 @@ pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32,
     wrap(unsafe { ffi::mlxs_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr) })
 }
 
+/// Whether [`padded_attention`] runs here: on MLX's CUDA backend with the GPU as default device.
+/// Elsewhere, attention with a mask ([`scaled_dot_product_attention`]) is already one kernel
+/// (Metal) or composed anyway (CPU).
+pub fn padded_attention_available() -> bool {
+    // SAFETY: no arguments.
+    unsafe { ffi::mlxs_padded_attention_available() == 1 }
+}
+
+/// Decode attention of `q [B, H, 1, D]` over `k`, `v [B, Hkv, N, D]` in which row `b` attends
+/// to columns `[starts[b], N)` only (left-padded rows), as one CUDA kernel: the value of
+/// [`scaled_dot_product_attention`] with the matching mask, softmax in float32.
+pub fn padded_attention(q: &Array, k: &Array, v: &Array, scale: f32, starts: &Array) -> Result<Array> {
+    // SAFETY: live handles.
+    wrap(unsafe { ffi::mlxs_padded_attention(q.raw(), k.raw(), v.raw(), scale, starts.raw()) })
+}
+
 /// `silu(gate) * x` as one compiled, fused function (the same graph mlx-lm compiles).
 pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
     // SAFETY: live handles.
@@ -180,6 +196,25 @@ mod tests {
         assert!(e.contains("packed weight"), "{e}");
         let e = packed_matmul(&x.astype(Dtype::Float32)?, &p, 40, None).unwrap_err().to_string();
         assert!(e.contains("bfloat16"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_padded_attention_kernel_names_what_it_needs() -> Result<()> {
+        let q = Array::zeros(&[2, 4, 1, 32], Dtype::Bfloat16)?;
+        let kv = Array::zeros(&[2, 2, 8, 32], Dtype::Bfloat16)?;
+        let starts = Array::from_slice(&[0i32, 3], &[2])?;
+        // Shapes are checked first, on every device.
+        let bad = Array::zeros(&[2, 3, 8, 32], Dtype::Bfloat16)?;
+        let e = padded_attention(&q, &bad, &bad, 1.0, &starts).unwrap_err().to_string();
+        assert!(e.contains("H a multiple of Hkv"), "{e}");
+        let e = padded_attention(&q, &kv, &kv, 1.0, &Array::from_slice(&[0i32], &[1])?).unwrap_err().to_string();
+        assert!(e.contains("starts [B]"), "{e}");
+        // Only MLX's CUDA backend runs the kernel; elsewhere the call says so instead of failing later.
+        if !padded_attention_available() {
+            let e = padded_attention(&q, &kv, &kv, 1.0, &starts).unwrap_err().to_string();
+            assert!(e.contains("CUDA"), "{e}");
+        }
         Ok(())
     }
 

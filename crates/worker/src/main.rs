@@ -81,6 +81,11 @@ struct Args {
     /// and up projections as another (the same values; fewer kernels per step).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     stack_projections: bool,
+    /// On MLX's CUDA backend, attend over batch rows of different lengths with one kernel per
+    /// layer instead of MLX's masked attention (composed of about 15 operations). No effect
+    /// elsewhere.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    padded_attention_kernel: bool,
 }
 
 fn main() {
@@ -140,7 +145,10 @@ fn run(args: Args) -> Result<()> {
         max_line_bytes: args.max_line_bytes,
         max_context_tokens: args.max_context_tokens,
         prefix_cache_bytes: args.prefix_cache_bytes,
-        load: mlx_serving_engine::LoadOptions { stack_projections: args.stack_projections },
+        load: mlx_serving_engine::LoadOptions {
+            stack_projections: args.stack_projections,
+            padded_attention_kernel: args.padded_attention_kernel,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(serve(args, config));

@@ -48,11 +48,15 @@ pub struct LoadOptions {
     /// Stack the query, key and value projections into one product, and the MLP's gate and
     /// up projections into another (see [`Stacked`]).
     pub stack_projections: bool,
+    /// On MLX's CUDA backend, attend over padded batch rows with the shim's padded-attention
+    /// kernel instead of MLX's masked attention, which it composes from about 15 operations
+    /// per layer. Elsewhere there is no such kernel and this changes nothing.
+    pub padded_attention_kernel: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
-        LoadOptions { stack_projections: true }
+        LoadOptions { stack_projections: true, padded_attention_kernel: true }
     }
 }
 
@@ -141,6 +145,8 @@ pub struct Transformer {
     lm_head: Option<Linear>,
     pub config: ModelConfig,
     pub spec: Spec,
+    /// Padded batch rows attend through [`fast::padded_attention`] (see [`LoadOptions`]).
+    padded_kernel: bool,
 }
 
 impl Transformer {
@@ -213,7 +219,9 @@ impl Transformer {
         } else {
             Some(Linear::load(w, c, "lm_head", dim, c.vocab_size, false)?)
         };
-        let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec };
+        let padded_kernel =
+            opts.padded_attention_kernel && hd % 32 == 0 && hd <= 256 && fast::padded_attention_available();
+        let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec, padded_kernel };
         mlx::eval(&model.arrays())?;
         Ok(model)
     }
@@ -291,7 +299,7 @@ impl Transformer {
     /// One decode step of a batch: `ids` is `[rows, 1]`, one input token per row; each row
     /// appends one position to its row of `cache`. Returns the next-token logits, `[rows, vocab]`.
     pub fn forward_batch(&self, ids: &Array, cache: &mut BatchCache) -> Result<Array> {
-        let layout = cache.begin_step()?;
+        let layout = cache.begin_step(self.padded_kernel)?;
         let mut h = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&h)?;
@@ -321,7 +329,7 @@ impl Attention {
         let queries = self.rope.forward_at(&queries, layout.rope_offset())?;
         let keys = self.rope.forward_at(&keys, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &values)?;
-        let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, layout.mask())?;
+        let out = layout.attention(&queries, &keys, &values, self.scale)?;
         self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, 1, -1])?)
     }
 
