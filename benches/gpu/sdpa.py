@@ -6,10 +6,12 @@ each number of rows this script
   - checks fast.scaled_dot_product_attention with that mask against attention computed in
     float32 from the same inputs (and shows the error the unmasked call would have, so that a
     kernel ignoring the mask is seen);
-  - times one step's worth of attention calls (one per layer) four ways: with the mask, without
-    it, with the mask applied as an additive bias, and composed from two folded matmuls
-    (`folded` below); each as host time to build and submit (async_eval) and as wall time to
-    finish.
+  - checks the shim's padded-attention kernel (crates/mlx/shim/padded_attention.inc, on MLX CUDA
+    only) the same way;
+  - times one step's worth of attention calls (one per layer): with the mask, without it, with
+    the mask applied as an additive bias, composed from two folded matmuls (`folded` below),
+    and through the kernel; each as host time to build and submit (async_eval) and as wall
+    time to finish.
 Run on the GPU machine by `benches/gpu.sh py benches/gpu/sdpa.py`.
 """
 import argparse
