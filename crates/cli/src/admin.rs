@@ -7,11 +7,17 @@ use mlx_serving_supervisor::admin::{Listen, call};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 
+/// The admin API's address when neither the flag nor the environment gives one (the server's
+/// default `admin.listen`).
+const DEFAULT_ADDR: &str = "127.0.0.1:8081";
+
 #[derive(Args)]
 pub struct AdminArgs {
-    /// The supervisor's admin address: `HOST:PORT` or `unix:PATH`.
-    #[arg(long, env = "MLX_SERVING_ADMIN", default_value = "127.0.0.1:8081")]
-    addr: String,
+    /// The supervisor's admin address: `HOST:PORT` or `unix:PATH`. Without it, and without
+    /// `MLX_SERVING_ADMIN`, the address the server takes from `MLX_SERVING_ADMIN_LISTEN`, so
+    /// that one environment serves both; else 127.0.0.1:8081.
+    #[arg(long, env = "MLX_SERVING_ADMIN")]
+    addr: Option<String>,
     /// Bearer token, when the admin API requires one.
     #[arg(long, env = "MLX_SERVING_ADMIN_TOKEN")]
     token: Option<String>,
@@ -67,7 +73,12 @@ enum AdminCommand {
 }
 
 pub fn run(args: AdminArgs) -> Result<()> {
-    let listen = Listen::parse(&args.addr).map_err(anyhow::Error::msg)?;
+    let addr = args
+        .addr
+        .clone()
+        .or_else(|| std::env::var("MLX_SERVING_ADMIN_LISTEN").ok().filter(|a| !a.is_empty()))
+        .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+    let listen = Listen::parse(&addr).map_err(anyhow::Error::msg)?;
     let (method, params) = match &args.command {
         AdminCommand::Status => ("status", json!({})),
         AdminCommand::Drain { worker } => ("drain", json!({ "worker": worker })),

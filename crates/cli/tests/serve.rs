@@ -209,6 +209,17 @@ async fn the_admin_api_answers_and_refuses_bad_input_by_name() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Without --addr and MLX_SERVING_ADMIN, the client finds the server at the address the
+        // server takes from the environment.
+        let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
+            .args(["admin", "--token", TOKEN, "status"])
+            .env_remove("MLX_SERVING_ADMIN")
+            .env("MLX_SERVING_ADMIN_LISTEN", addr(&s.listen))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("2 ready of 2 target"), "{text}");
         let out = Command::new(env!("CARGO_BIN_EXE_mlx-serving"))
             .args(["admin", "--addr", &addr(&s.listen)])
             .args(["--token", TOKEN, "scale", "-3"])
