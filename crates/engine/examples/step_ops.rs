@@ -133,11 +133,11 @@ fn time_prefill(model: &Model, rows: usize) -> Result<()> {
     const CHUNK: usize = 512;
     let prompt =
         |r: usize, len: usize| -> Vec<u32> { (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect() };
-    let run = |rows: usize, len: usize| -> Result<(f64, f64, usize)> {
+    let run = |rows: usize, len: usize| -> Result<(f64, f64, usize, usize)> {
         let mut seqs = (0..rows)
             .map(|r| Sequence::new(model, prompt(r, len), Sampler::new(SamplingParams::default())?))
             .collect::<Result<Vec<_>>>()?;
-        let (mut prefill, mut join, mut chunks) = (0.0, 0.0, 0);
+        let (mut prefill, mut join, mut chunks, mut join_ops) = (0.0, 0.0, 0, 0);
         let mut batch = Batch::new();
         let mut joined = 0;
         while joined < rows {
@@ -150,20 +150,21 @@ fn time_prefill(model: &Model, rows: usize) -> Result<()> {
             let t = std::time::Instant::now();
             let group = seqs[joined..joined + ready].iter_mut().enumerate().map(|(i, s)| ((joined + i) as u64, s));
             model.join(&mut batch, group.collect())?;
+            join_ops += mlx::graph_ops(&batch.arrays())?.iter().map(|(_, n)| n).sum::<usize>();
             mlx::eval(&batch.arrays())?;
             join += t.elapsed().as_secs_f64() * 1e3;
             joined += ready;
         }
-        Ok((prefill, join, chunks))
+        Ok((prefill, join, chunks, join_ops))
     };
     run(rows, LEN)?; // warm-up
     run(1, rows * LEN)?;
-    let (prefill, join, chunks) = run(rows, LEN)?;
-    let (one, _, one_chunks) = run(1, rows * LEN)?;
+    let (prefill, join, chunks, join_ops) = run(rows, LEN)?;
+    let (one, _, one_chunks, _) = run(1, rows * LEN)?;
     let tokens = (rows * (LEN - 1)) as f64;
     println!(
         "prefill: {rows} prompts x {LEN} tokens in {chunks} chunks of {CHUNK}: {prefill:.1} ms ({:.0} tok/s), \
-         joining a batch chunk by chunk {join:.1} ms; one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms \
+         joining a batch chunk by chunk {join:.1} ms ({join_ops} operations); one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms \
          ({:.0} tok/s)",
         tokens / prefill * 1e3,
         rows * LEN,

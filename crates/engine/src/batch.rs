@@ -270,44 +270,35 @@ impl Model {
         let shift = if batch.keys.is_empty() { 0 } else { target - c.idx };
         let old_cap = c.capacity();
         let capacity = ((old_cap + shift).max(target + 1) + STEP - 1) / STEP * STEP;
-        let zeros = |rows: i32, cols: i32| Array::zeros(&[rows, kv_heads, cols, head_dim], dtype);
         let rows_before = batch.keys.len() as i32;
+        let rows = rows_before + seqs.len() as i32;
         let mut layers = Vec::with_capacity(t.num_layers());
         for layer in 0..t.num_layers() {
-            let mut keys = Vec::new();
-            let mut values = Vec::new();
+            // One zeroed buffer per array, the old rows written in shifted right by `shift`
+            // columns and each new row ending at column `target`: 2 + new rows operations per
+            // array (building each part with its padding and concatenating took about 3 per row).
+            let shape = [rows, kv_heads, capacity, head_dim];
+            let (mut keys, mut values) = (Array::zeros(&shape, dtype)?, Array::zeros(&shape, dtype)?);
+            let place = |buf: &Array, part: &Array, row: i32, col: i32| -> Result<Array> {
+                let (n, cols) = (part.dim(0), part.dim(2));
+                Ok(buf.slice_update(
+                    &part.astype(dtype)?,
+                    &[row, 0, col, 0],
+                    &[row + n, kv_heads, col + cols, head_dim],
+                )?)
+            };
             if let Some(l) = c.layers.get(layer) {
-                let widen = |a: &Array| -> Result<Array> {
-                    let mut parts = Vec::new();
-                    if shift > 0 {
-                        parts.push(zeros(rows_before, shift)?);
-                    }
-                    parts.push(a.clone());
-                    if capacity > old_cap + shift {
-                        parts.push(zeros(rows_before, capacity - old_cap - shift)?);
-                    }
-                    concat(parts, 2)
-                };
-                keys.push(widen(&l.keys)?);
-                values.push(widen(&l.values)?);
+                keys = place(&keys, &l.keys, 0, shift)?;
+                values = place(&values, &l.values, 0, shift)?;
             }
-            for ((_, s), &n) in seqs.iter().zip(&lens) {
-                let filled = s.cache_layer(layer).filled()?;
-                let row = |part: Option<&Array>| -> Result<Array> {
-                    let mut parts = Vec::new();
-                    if target > n {
-                        parts.push(zeros(1, target - n)?);
-                    }
-                    if let Some(p) = part {
-                        parts.push(p.astype(dtype)?);
-                    }
-                    parts.push(zeros(1, capacity - target)?);
-                    concat(parts, 2)
-                };
-                keys.push(row(filled.as_ref().map(|f| &f.0))?);
-                values.push(row(filled.as_ref().map(|f| &f.1))?);
+            for (i, ((_, s), &n)) in seqs.iter().zip(&lens).enumerate() {
+                if let Some((k, v)) = s.cache_layer(layer).filled()? {
+                    let row = rows_before + i as i32;
+                    keys = place(&keys, &k, row, target - n)?;
+                    values = place(&values, &v, row, target - n)?;
+                }
             }
-            layers.push(Layer { keys: concat(keys, 0)?, values: concat(values, 0)? });
+            layers.push(Layer { keys, values });
         }
         c.layers = layers;
         for p in &mut c.pads {

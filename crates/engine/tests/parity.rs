@@ -183,6 +183,37 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
 
 /// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
 /// different lengths), and the first step's log-probabilities of each row.
+/// Rows joining a running batch: a prompt longer than the batch's columns shifts the rows
+/// already there to the right, a shorter one is padded; every row still decodes its prompt's
+/// tokens as it would alone.
+#[test]
+fn rows_joining_a_running_batch_decode_as_each_alone() {
+    let model = Model::load(&common::model_dir("llama-bf16")).unwrap();
+    let first: Vec<Vec<u32>> = vec![(1..9).collect(), (3..15).collect()];
+    let later: Vec<Vec<u32>> = vec![(2..42).map(|i| i * 3).collect(), vec![7, 8, 9]];
+    let (mut seqs, mut batch) = joined_batch(&model, &first, &SamplingParams::default());
+    let step = |seqs: &mut Vec<Sequence>, batch: &mut Batch| {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let out = model.decode_batch(batch, &mut refs).unwrap();
+        accept_step(seqs, &out);
+    };
+    for _ in 0..4 {
+        step(&mut seqs, &mut batch);
+    }
+    let mut more = prefilled(&model, &later, &SamplingParams::default());
+    assert!(later[0].len() as i32 - 1 > first[1].len() as i32 + 4, "the long prompt must shift the batch");
+    model.join(&mut batch, more.iter_mut().enumerate().map(|(i, s)| ((first.len() + i) as u64, s)).collect()).unwrap();
+    seqs.extend(more);
+    for _ in 0..12 {
+        step(&mut seqs, &mut batch);
+    }
+    for (i, p) in first.iter().chain(&later).enumerate() {
+        let n = seqs[i].generated().len();
+        let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+        assert_eq!(seqs[i].generated(), model.generate(p, &params, |_| true).unwrap().tokens, "row {i}");
+    }
+}
+
 fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
     let (mut seqs, mut batch) = joined_batch(model, prompts, &SamplingParams::default());
     let mut first = Vec::new();
@@ -197,18 +228,22 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec
     (seqs.iter().map(|s| s.generated().to_vec()).collect(), first)
 }
 
-/// Sequences of `prompts`, prefilled together and joined into one batch, as the worker does.
-fn joined_batch(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> (Vec<Sequence>, Batch) {
+/// Sequences of `prompts`, prefilled together in chunks, as the worker does.
+fn prefilled(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> Vec<Sequence> {
     let mut seqs: Vec<Sequence> = prompts
         .iter()
         .map(|p| Sequence::new(model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap())
         .collect();
-    {
-        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        while refs.iter().any(|s| s.needs_prefill()) {
-            model.prefill_chunks(&mut refs, 512).unwrap();
-        }
+    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+    while refs.iter().any(|s| s.needs_prefill()) {
+        model.prefill_chunks(&mut refs, 512).unwrap();
     }
+    seqs
+}
+
+/// Sequences of `prompts`, prefilled together and joined into one batch, as the worker does.
+fn joined_batch(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> (Vec<Sequence>, Batch) {
+    let mut seqs = prefilled(model, prompts, sampling);
     let mut batch = Batch::new();
     model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
     (seqs, batch)
