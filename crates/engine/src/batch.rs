@@ -276,7 +276,7 @@ impl Model {
         for layer in 0..t.num_layers() {
             // One zeroed buffer per array, the old rows written in shifted right by `shift`
             // columns and each new row ending at column `target`: 2 + new rows operations per
-            // array (building each part with its padding and concatenating took about 3 per row).
+            // array, where padding each part and concatenating them would take about 3 per row.
             let shape = [rows, kv_heads, capacity, head_dim];
             let (mut keys, mut values) = (Array::zeros(&shape, dtype)?, Array::zeros(&shape, dtype)?);
             let place = |buf: &Array, part: &Array, row: i32, col: i32| -> Result<Array> {
