@@ -262,6 +262,34 @@ def test_api_keys(make_server):
     assert s.get("/health")[0] == 200 and s.get("/ready")[0] == 200 and s.get("/metrics")[0] == 200
 
 
+def test_a_removed_workers_gauges_leave_the_metrics(make_server):
+    s = make_server(workers=2)
+
+    def workers_in_metrics():
+        _, text, _ = s.get("/metrics")
+        return {x.labels["worker"] for f in text_string_to_metric_families(text) for x in f.samples
+                if x.name == "mlx_worker_in_flight"}, text
+
+    deadline = time.time() + 30
+    while workers_in_metrics()[0] != {"0", "1"}:
+        assert time.time() < deadline, "both workers never showed in /metrics"
+        time.sleep(0.2)
+    assert s.admin("scale", {"workers": 1})["workers"] == 1
+    deadline = time.time() + 60  # the gauges' idle timeout is 10 s; pruning runs on scrapes
+    while True:
+        seen, text = workers_in_metrics()
+        if seen == {"0"}:
+            break
+        assert time.time() < deadline, f"worker 1 is still in /metrics: {seen}"
+        time.sleep(0.5)
+    gauges = [f for f in text_string_to_metric_families(text) if f.type == "gauge"]
+    assert not [x for f in gauges for x in f.samples if x.labels.get("worker") == "1"]
+    assert [x for f in gauges for x in f.samples if x.labels.get("worker") == "0"]
+    # Gauges set only when they change are still there. (Counters and histograms keep their
+    # series: their totals stay meaningful.)
+    assert "mlx_response_cache_entries" in text and "mlx_ready_workers" in text
+
+
 def test_request_id_is_echoed(server):
     _, _, headers = server.request("GET", "/v1/models", headers={"x-request-id": "abc-123"})
     assert headers["x-request-id"] == "abc-123"

@@ -1,11 +1,13 @@
 //! Prometheus metrics. Every name is listed in docs/metrics.md; they are recorded where the
 //! events happen (the HTTP front, the pool, the slots) and exported by `GET /metrics`.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 use crate::pool::Pool;
 use crate::worker::slot::WorkerState;
@@ -15,6 +17,15 @@ const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// A gauge not set for this long leaves the scrape output: the series of a worker that was
+/// removed (scaled down) or a model no longer served. [`refresh`] sets every live gauge each
+/// period, so only those go.
+pub const GAUGE_IDLE: Duration = Duration::from_secs(10);
+
+/// The response cache's size, kept for [`refresh`] to set again each period.
+static CACHE_BYTES: AtomicU64 = AtomicU64::new(0);
+static CACHE_ENTRIES: AtomicU64 = AtomicU64::new(0);
 
 /// Buckets of the token-count histograms: powers of two up to 32768.
 const TOKEN_BUCKETS: &[f64] =
@@ -27,7 +38,8 @@ pub fn install() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), TOKEN_BUCKETS))
-                .expect("the bucket lists are not empty");
+                .expect("the bucket lists are not empty")
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE));
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -200,8 +212,14 @@ pub fn cache_evicted(reason: &'static str, n: usize) {
 
 /// What the response cache holds now.
 pub fn cache_size(bytes: usize, entries: usize) {
-    gauge!("mlx_response_cache_bytes").set(bytes as f64);
-    gauge!("mlx_response_cache_entries").set(entries as f64);
+    CACHE_BYTES.store(bytes as u64, Relaxed);
+    CACHE_ENTRIES.store(entries as u64, Relaxed);
+    set_cache_gauges();
+}
+
+fn set_cache_gauges() {
+    gauge!("mlx_response_cache_bytes").set(CACHE_BYTES.load(Relaxed) as f64);
+    gauge!("mlx_response_cache_entries").set(CACHE_ENTRIES.load(Relaxed) as f64);
 }
 
 /// A worker died; `reason` is its class: exit, signal, hung, spawn, start.
@@ -254,6 +272,7 @@ pub async fn refresh(pool: Arc<Pool>, handle: PrometheusHandle, period: Duration
             gauge!("mlx_queue_depth", "model" => model.clone()).set(pool.queue_depth(model) as f64);
         }
         gauge!("mlx_ready_workers").set(status.ready_workers as f64);
+        set_cache_gauges();
         for w in &status.workers {
             let id = w.id.to_string();
             gauge!("mlx_worker_in_flight", "worker" => id.clone()).set(w.in_flight as f64);
