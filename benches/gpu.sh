@@ -12,7 +12,8 @@
 #   GPU_BENCH_SECONDS=410 bash benches/gpu.sh run --models llama3-8b-q4
 # Batch-1 decode variants (stacked projections or not, MLX_MAX_OPS_PER_BUFFER) and operation counts:
 #   bash benches/gpu.sh run --variants --step-ops /tmp/step_ops --models qwen3-0.6b-bf16 llama3-8b-bf16
-# The pool through the supervisor (1 and 2 workers on the one GPU, side by side):
+# The pool through the supervisor (1 and 2 workers on the one GPU, side by side; call 2 carries
+# .gpu/x4 instead of .gpu/x2):
 #   bash benches/gpu.sh run --pool --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32
 # A device timeline of one batch-1 decode per engine (CUPTI; call 2 carries .gpu/x3 instead of .gpu/x2):
 #   bash benches/gpu.sh run --trace /tmp/cupti/libcupti_trace.so --models qwen3-0.6b-bf16 llama3-8b-bf16
@@ -39,11 +40,13 @@ mlx_cuda() {
   # shellcheck disable=SC1091
   set +eu; source .gpu/p2/setup.sh; local rc=$?; set -eu; [ $rc -eq 0 ] || exit $rc
 }
-# The worker and the operation counter from the stash (call 1), to /tmp.
+# The worker from the stash (call 1), and the binaries this call carries (.gpu/x2: the operation
+# counter; .gpu/x4: the supervisor), to /tmp.
 unpack() {
   [ -f $stash/mlx-serving-worker.xz ] || { echo "stash missing: the machine went cold; redo call 1" >&2; exit 3; }
-  for b in mlx-serving-worker step_ops; do
-    [ ! -f $stash/$b.xz ] || { xz -dc $stash/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
+  for f in $stash/mlx-serving-worker.xz .gpu/x2/step_ops.xz .gpu/x4/mlx-serving.xz; do
+    b=$(basename "$f" .xz)
+    [ ! -f "$f" ] || { xz -dc "$f" > /tmp/$b && chmod +x /tmp/$b; }
   done
 }
 case "${1:-}" in
@@ -59,13 +62,15 @@ prepare)
   [ ! -f .gpu/p2/nvidia_cutlass-4.2.0.0-py3-none-any.whl ] || mv .gpu/p2/nvidia_cutlass-*.whl .gpu/x1/
   strip --strip-unneeded -o .gpu/x1/mlx-serving-worker target/release/mlx-serving-worker
   xz -T0 -6 -f .gpu/x1/mlx-serving-worker
-  # The operation counter (bench.py --step-ops /tmp/step_ops).
-  strip --strip-unneeded -o .gpu/x1/step_ops target/release/examples/step_ops
-  xz -T0 -6 -f .gpu/x1/step_ops
-  # The supervisor goes with call 2, for the pool measurement (--pool).
-  mkdir -p .gpu/x2
-  strip --strip-unneeded -o .gpu/x2/mlx-serving target/release/mlx-serving
-  xz -T0 -6 -f .gpu/x2/mlx-serving
+  # The operation counter goes with call 2 (bench.py --step-ops /tmp/step_ops; gpu.sh sh).
+  mkdir -p .gpu/x2 .gpu/x4
+  rm -f .gpu/x1/step_ops.xz .gpu/x2/mlx-serving.xz
+  strip --strip-unneeded -o .gpu/x2/step_ops target/release/examples/step_ops
+  xz -T0 -6 -f .gpu/x2/step_ops
+  # The supervisor, for the pool measurement (--pool): call 2 then carries .gpu/x4 instead of
+  # .gpu/x2, which together would pass the 64 MiB.
+  strip --strip-unneeded -o .gpu/x4/mlx-serving target/release/mlx-serving
+  xz -T0 -6 -f .gpu/x4/mlx-serving
   # The timeline recorder (benches/gpu/cupti_trace.cpp) and NVIDIA's CUPTI, for --trace.
   mkdir -p .gpu/dl-cupti .gpu/x3
   [ -n "$(ls .gpu/dl-cupti/nvidia_cuda_crt-*.whl 2>/dev/null)" ] || pip download -q --no-deps -d .gpu/dl-cupti \
@@ -76,7 +81,7 @@ prepare)
     -L$cu/nvidia/cu13/lib -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN' -lpthread
   xz -T0 -9 -c $cu/nvidia/cu13/lib/libcupti.so.13 > .gpu/x3/libcupti.so.13.xz
   tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  for c in ".gpu/p1 .gpu/x1" ".gpu/p2 .gpu/x2" ".gpu/p2 .gpu/x3"; do
+  for c in ".gpu/p1 .gpu/x1" ".gpu/p2 .gpu/x2" ".gpu/p2 .gpu/x3" ".gpu/p2 .gpu/x4"; do
     echo "call carrying $c: $(( (tree + $(du -cb $c | tail -1 | cut -f1)) / 1048576 )) MiB of 64"
   done
   ;;
@@ -93,10 +98,7 @@ run)
     mkdir -p /tmp/cupti && xz -dc .gpu/x3/libcupti.so.13.xz > /tmp/cupti/libcupti.so.13 && cp .gpu/x3/libcupti_trace.so /tmp/cupti/
   fi
   serve=()
-  if [ -f .gpu/x2/mlx-serving.xz ]; then
-    xz -dc .gpu/x2/mlx-serving.xz > /tmp/mlx-serving && chmod +x /tmp/mlx-serving
-    serve=(--serve /tmp/mlx-serving)
-  fi
+  [ ! -f .gpu/x4/mlx-serving.xz ] || serve=(--serve /tmp/mlx-serving)
   mlx_cuda
   out=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$out"
   ldd /tmp/mlx-serving-worker | grep -i "mlx\|not found" || true
