@@ -75,8 +75,13 @@ prepare)
   mkdir -p .gpu/dl-cupti .gpu/x3
   [ -n "$(ls .gpu/dl-cupti/nvidia_cuda_crt-*.whl 2>/dev/null)" ] || pip download -q --no-deps -d .gpu/dl-cupti \
     "nvidia-cuda-cupti==13.0.85" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-crt==13.0.88"
+  [ -n "$(ls .gpu/dl-cupti/nvidia_cuda_nvrtc-*.whl 2>/dev/null)" ] || pip download -q --no-deps -d .gpu/dl-cupti \
+    "nvidia-cuda-nvrtc==13.0.88"
   cu=.gpu/dl-cupti/x; rm -rf $cu; mkdir -p $cu
   for w in .gpu/dl-cupti/*.whl; do python3 -m zipfile -e "$w" $cu; done
+  # The shim's CUDA kernel, compiled here with NVRTC: MLX compiles it only on the GPU machine.
+  LD_LIBRARY_PATH=$cu/nvidia/cu13/lib python3 benches/gpu/kernel_check.py \
+    --nvrtc $cu/nvidia/cu13/lib/libnvrtc.so.13 --include $cu/nvidia/cu13/include
   g++ -O2 -std=c++17 -shared -fPIC -I$cu/nvidia/cu13/include benches/gpu/cupti_trace.cpp -o .gpu/x3/libcupti_trace.so \
     -L$cu/nvidia/cu13/lib -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN' -lpthread
   xz -T0 -9 -c $cu/nvidia/cu13/lib/libcupti.so.13 > .gpu/x3/libcupti.so.13.xz
