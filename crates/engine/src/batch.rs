@@ -37,9 +37,17 @@ pub struct BatchCache {
 pub struct StepLayout {
     offsets: Option<Array>,
     offset: i32,
-    mask: Option<Array>,
-    /// Instead of `mask`, with the padded-attention kernel: each row's first column, `[rows]`.
-    starts: Option<Array>,
+    padding: Padding,
+}
+
+/// How a step's attention leaves out the rows' padding columns.
+enum Padding {
+    /// No row is padded.
+    None,
+    /// A boolean mask over columns `[0, idx]`, `[rows, 1, 1, columns]`.
+    Mask(Array),
+    /// Each row's first column, `[rows]`, for the padded-attention kernel.
+    Starts(Array),
 }
 
 impl StepLayout {
@@ -53,10 +61,10 @@ impl StepLayout {
     /// This step's attention of `queries` (`[rows, heads, 1, head_dim]`) over the rows' keys and
     /// values: padding columns are left out, by the padded-attention kernel or by a mask.
     pub fn attention(&self, queries: &Array, keys: &Array, values: &Array, scale: f32) -> Result<Array> {
-        Ok(match (&self.starts, &self.mask) {
-            (Some(starts), _) => fast::padded_attention(queries, keys, values, scale, starts)?,
-            (None, Some(m)) => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::Array(m))?,
-            (None, None) => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::None)?,
+        Ok(match &self.padding {
+            Padding::None => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::None)?,
+            Padding::Mask(m) => fast::scaled_dot_product_attention(queries, keys, values, scale, Mask::Array(m))?,
+            Padding::Starts(starts) => fast::padded_attention(queries, keys, values, scale, starts)?,
         })
     }
 }
@@ -95,19 +103,19 @@ impl BatchCache {
             let o: Vec<i32> = self.pads.iter().map(|p| self.idx - p).collect();
             Some(Array::from_slice(&o, &[rows as i32])?)
         };
-        let padded = self.pads.iter().any(|&p| p != 0);
-        let starts = if padded && kernel { Some(Array::from_slice(&self.pads, &[rows as i32])?) } else { None };
-        let mask = if !padded || kernel {
-            None
+        let padding = if self.pads.iter().all(|&p| p == 0) {
+            Padding::None
+        } else if kernel {
+            Padding::Starts(Array::from_slice(&self.pads, &[rows as i32])?)
         } else {
             let cols = (self.idx + 1) as usize;
             let mut m = Vec::with_capacity(rows * cols);
             for &p in &self.pads {
                 m.extend((0..cols).map(|c| c as i32 >= p));
             }
-            Some(Array::from_slice(&m, &[rows as i32, 1, 1, cols as i32])?)
+            Padding::Mask(Array::from_slice(&m, &[rows as i32, 1, 1, cols as i32])?)
         };
-        Ok(StepLayout { offsets, offset: self.idx - first, mask, starts })
+        Ok(StepLayout { offsets, offset: self.idx - first, padding })
     }
 
     /// Writes one new position of every row (`[rows, kv_heads, 1, head_dim]`) into `layer` at
