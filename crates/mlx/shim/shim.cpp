@@ -481,9 +481,15 @@ static const char* const kPaddedAttention =
 #include "padded_attention.inc"
     ;
 
-int mlxs_padded_attention_available(void) {
+// The kernel's head sizes: each lane of a warp holds head_dim / 32 elements.
+static bool padded_attention_head_dim(int d) { return d > 0 && d % 32 == 0 && d <= 256; }
+
+int mlxs_padded_attention_available(int head_dim) {
   try {
-    return mx::cu::is_available() && mx::default_device().type == mx::Device::gpu ? 1 : 0;
+    return padded_attention_head_dim(head_dim) && mx::cu::is_available() &&
+                   mx::default_device().type == mx::Device::gpu
+               ? 1
+               : 0;
   } catch (...) {
     return 0;
   }
@@ -494,7 +500,7 @@ mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, cons
   return guard([&] {
     const auto& qa = q->a;
     const int d = qa.ndim() == 4 ? qa.shape(3) : 0;
-    if (d == 0 || d % 32 != 0 || d > 256 || qa.shape(2) != 1 || k->a.ndim() != 4 ||
+    if (!padded_attention_head_dim(d) || qa.shape(2) != 1 || k->a.ndim() != 4 ||
         v->a.ndim() != 4 || k->a.shape(0) != qa.shape(0) || k->a.shape(3) != d ||
         v->a.shape() != k->a.shape() || k->a.shape(1) == 0 || qa.shape(1) % k->a.shape(1) != 0 ||
         starts->a.ndim() != 1 || starts->a.shape(0) != qa.shape(0)) {
@@ -502,7 +508,7 @@ mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, cons
           "padded_attention: q [B, H, 1, D] (D a multiple of 32 up to 256), k and v [B, Hkv, N, D] "
           "with H a multiple of Hkv, starts [B]");
     }
-    if (!mlxs_padded_attention_available()) {
+    if (!mlxs_padded_attention_available(d)) {
       throw std::runtime_error(
           "padded_attention: needs MLX's CUDA backend with the GPU as default device");
     }

@@ -175,8 +175,9 @@ mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base
 // `mask_mode` is "" or "causal"; `mask` (nullable) is an additive or boolean mask array.
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale,
                       const char* mask_mode, const mlxs_array* mask);
-// Whether mlxs_padded_attention runs here: MLX's CUDA backend, on the GPU.
-int mlxs_padded_attention_available(void);
+// Whether mlxs_padded_attention runs here for heads of head_dim: MLX's CUDA backend, on the
+// GPU, head_dim a multiple of 32 up to 256.
+int mlxs_padded_attention_available(int head_dim);
 // Decode attention of q [B, H, 1, D] over k, v [B, Hkv, N, D], row b over columns [starts[b], N).
 mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v,
                                   float scale, const mlxs_array* starts);

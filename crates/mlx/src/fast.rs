@@ -63,12 +63,12 @@ pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32,
     wrap(unsafe { ffi::mlxs_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr) })
 }
 
-/// Whether [`padded_attention`] runs here: on MLX's CUDA backend with the GPU as default device.
-/// Elsewhere, attention with a mask ([`scaled_dot_product_attention`]) is already one kernel
-/// (Metal) or composed anyway (CPU).
-pub fn padded_attention_available() -> bool {
-    // SAFETY: no arguments.
-    unsafe { ffi::mlxs_padded_attention_available() == 1 }
+/// Whether [`padded_attention`] runs here for heads of `head_dim`: on MLX's CUDA backend with
+/// the GPU as default device, `head_dim` a multiple of 32 up to 256. Elsewhere, attention with a
+/// mask ([`scaled_dot_product_attention`]) is already one kernel (Metal) or composed anyway (CPU).
+pub fn padded_attention_available(head_dim: i32) -> bool {
+    // SAFETY: a plain integer.
+    unsafe { ffi::mlxs_padded_attention_available(head_dim) == 1 }
 }
 
 /// Decode attention of `q [B, H, 1, D]` over `k`, `v [B, Hkv, N, D]` in which row `b` attends
@@ -211,7 +211,7 @@ mod tests {
         let e = padded_attention(&q, &kv, &kv, 1.0, &Array::from_slice(&[0i32], &[1])?).unwrap_err().to_string();
         assert!(e.contains("starts [B]"), "{e}");
         // Only MLX's CUDA backend runs the kernel; elsewhere the call says so instead of failing later.
-        if !padded_attention_available() {
+        if !padded_attention_available(32) {
             let e = padded_attention(&q, &kv, &kv, 1.0, &starts).unwrap_err().to_string();
             assert!(e.contains("CUDA"), "{e}");
         }

@@ -148,7 +148,7 @@ unsafe extern "C" {
         freqs: CArr,
     ) -> Arr;
     pub fn mlxs_sdpa(q: CArr, k: CArr, v: CArr, scale: f32, mask_mode: *const c_char, mask: CArr) -> Arr;
-    pub fn mlxs_padded_attention_available() -> i32;
+    pub fn mlxs_padded_attention_available(head_dim: i32) -> i32;
     pub fn mlxs_padded_attention(q: CArr, k: CArr, v: CArr, scale: f32, starts: CArr) -> Arr;
     pub fn mlxs_swiglu(gate: CArr, x: CArr) -> Arr;
     pub fn mlxs_packed_matmul_supported() -> i32;

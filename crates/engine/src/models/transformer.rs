@@ -219,8 +219,7 @@ impl Transformer {
         } else {
             Some(Linear::load(w, c, "lm_head", dim, c.vocab_size, false)?)
         };
-        let padded_kernel =
-            opts.padded_attention_kernel && hd % 32 == 0 && hd <= 256 && fast::padded_attention_available();
+        let padded_kernel = opts.padded_attention_kernel && fast::padded_attention_available(hd);
         let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec, padded_kernel };
         mlx::eval(&model.arrays())?;
         Ok(model)
