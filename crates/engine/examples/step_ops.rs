@@ -37,30 +37,10 @@ fn main() -> Result<()> {
         let other = Model::load_with(&dir, LoadOptions { stack_projections, padded_attention_kernel: false })?;
         return agree(&model, &other, rows);
     }
-    let mut seqs = Vec::with_capacity(rows);
-    for r in 0..rows {
-        // Prompts of the same length, so that no row is padded (as for one stream); `ragged`:
-        // of different lengths, so that rows are padded and attention is masked.
-        let len = if ragged { 32 + 5 * r } else { 32 };
-        let prompt: Vec<u32> = (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect();
-        seqs.push(Sequence::new(&model, prompt, Sampler::new(SamplingParams::default())?)?);
-    }
-    {
-        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        while refs.iter().any(|s| s.needs_prefill()) {
-            model.prefill_chunks(&mut refs, 512)?;
-        }
-    }
-    let mut batch = Batch::new();
-    model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
-    // Reads a step's tokens into the sequences.
-    let accept = |seqs: &mut Vec<Sequence>, out: &BatchStep| -> Result<()> {
-        let tokens = out.tokens.to_vec::<u32>()?;
-        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-            s.accept(index, t);
-        }
-        Ok(())
-    };
+    // Prompts of the same length, so that no row is padded (as for one stream); `ragged`: of
+    // different lengths, so that rows are padded and attention is masked.
+    let prompts: Vec<Vec<u32>> = (0..rows).map(|r| prompt(r, if ragged { 32 + 5 * r } else { 32 })).collect();
+    let (mut seqs, mut batch) = joined_batch(&model, &prompts)?;
     // Two steps evaluated, so that the third starts from computed tokens and caches.
     let mut ops = Vec::new();
     for step in 0..3 {
@@ -131,8 +111,6 @@ fn main() -> Result<()> {
 fn time_prefill(model: &Model, rows: usize) -> Result<()> {
     const LEN: usize = 128;
     const CHUNK: usize = 512;
-    let prompt =
-        |r: usize, len: usize| -> Vec<u32> { (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect() };
     let run = |rows: usize, len: usize| -> Result<(f64, f64, usize, usize)> {
         let mut seqs = (0..rows)
             .map(|r| Sequence::new(model, prompt(r, len), Sampler::new(SamplingParams::default())?))
@@ -173,8 +151,14 @@ fn time_prefill(model: &Model, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// Greedy tokens of `prompts` decoded together in one batch, `steps` each.
-fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
+/// Prompt `r` of `len` tokens: ids that differ between prompts.
+fn prompt(r: usize, len: usize) -> Vec<u32> {
+    (0..len).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect()
+}
+
+/// Sequences of `prompts` (greedy), prefilled in chunks of 512 and joined into one batch, as the
+/// worker does.
+fn joined_batch(model: &Model, prompts: &[Vec<u32>]) -> Result<(Vec<Sequence>, Batch)> {
     let mut seqs = prompts
         .iter()
         .map(|p| Sequence::new(model, p.clone(), Sampler::new(SamplingParams::default())?))
@@ -187,14 +171,27 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<V
     }
     let mut batch = Batch::new();
     model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+    Ok((seqs, batch))
+}
+
+/// Reads a step's tokens into the sequences and returns them, one per row.
+fn accept(seqs: &mut [Sequence], out: &BatchStep) -> Result<Vec<u32>> {
+    let tokens = out.tokens.to_vec::<u32>()?;
+    for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+        s.accept(index, t);
+    }
+    Ok(tokens)
+}
+
+/// Greedy tokens of `prompts` decoded together in one batch, `steps` each.
+fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
+    let (mut seqs, mut batch) = joined_batch(model, prompts)?;
     let mut out = vec![Vec::with_capacity(steps); prompts.len()];
     for _ in 0..steps {
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
         let step = model.decode_batch(&mut batch, &mut refs)?;
-        let tokens = step.tokens.to_vec::<u32>()?;
-        for (r, (s, (&t, &(_, index)))) in seqs.iter_mut().zip(tokens.iter().zip(&step.rows)).enumerate() {
-            s.accept(index, t);
-            out[r].push(t);
+        for (row, t) in out.iter_mut().zip(accept(&mut seqs, &step)?) {
+            row.push(t);
         }
     }
     Ok(out)
@@ -203,8 +200,7 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<V
 /// Ragged rows in one batch, with `model` and `other`, against each row alone.
 fn agree(model: &Model, other: &Model, rows: usize) -> Result<()> {
     const STEPS: usize = 32;
-    let prompts: Vec<Vec<u32>> =
-        (0..rows).map(|r| (0..20 + 9 * r).map(|i| 10 + ((i * 7 + r * 13) % 200) as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..rows).map(|r| prompt(r, 20 + 9 * r)).collect();
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| Ok(batched_greedy(model, std::slice::from_ref(p), STEPS)?.remove(0)))
