@@ -28,6 +28,12 @@ struct Strides { int64_t v[10]; __device__ const int64_t& operator[](int i) cons
 """
 
 
+def kernel_body():
+    """The kernel's source as MLX's custom kernels take it: the body between the raw-string marks."""
+    text = SOURCE.read_text()
+    return text[text.index('R"cuda(') + len('R"cuda('): text.rindex(')cuda"')]
+
+
 def wrapped(body, dtype, d):
     t = TYPES[dtype]
     types = {"q": t, "k": t, "v": t, "starts": "int32_t", "scale": "float"}
@@ -62,8 +68,7 @@ def main():
     ap.add_argument("--nvrtc", required=True, help="libnvrtc.so.13 (its builtins library beside it)")
     ap.add_argument("--include", required=True, help="CUDA's include directory (cuda_bf16.h, cuda_fp16.h)")
     a = ap.parse_args()
-    text = SOURCE.read_text()
-    body = text[text.index('R"cuda(') + len('R"cuda('): text.rindex(')cuda"')]
+    body = kernel_body()
     lib = ctypes.CDLL(a.nvrtc)
     failed = 0
     for dtype in TYPES:

@@ -18,21 +18,17 @@ import argparse
 import json
 import time
 
-from pathlib import Path
-
 import mlx.core as mx
 
-KERNEL = Path(__file__).resolve().parents[2] / "crates/mlx/shim/padded_attention.inc"
+from kernel_check import kernel_body
 
 
 def padded_kernel():
     """The shim's padded decode-attention kernel for MLX CUDA, from its source file, or None off CUDA."""
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
         return None
-    src = KERNEL.read_text()
-    src = src[src.index('R"cuda(') + len('R"cuda('): src.rindex(')cuda"')]
     return mx.fast.cuda_kernel(name="padded_attention", input_names=["q", "k", "v", "starts", "scale"],
-                               output_names=["out"], source=src, ensure_row_contiguous=False)
+                               output_names=["out"], source=kernel_body(), ensure_row_contiguous=False)
 
 
 def kernel_attention(kern, q, k, v, starts, scale):
