@@ -10,7 +10,10 @@
 //! n's tokens are read), and 64 steps each evaluated before the next is built.
 //! `prefill`: instead, times the prefill of ROWS prompts of 128 tokens in chunks of 512 (as the
 //! worker admits a burst of requests), their joining a batch a chunk at a time, and the prefill
-//! of one prompt as long as all of them.
+//! of one prompt as long as all of them; with the prompts of a chunk as rows of one batch, and
+//! each attended on its own (`--prefill-rows false`), with the operations of each.
+//! `padding=SHARE`: how much padding rows prefilled together may add, as a share of their tokens
+//! (the worker's `--prefill-row-padding`).
 //! `nokernel`: padded rows attend through MLX's masked attention even where the padded-attention
 //! kernel runs (MLX CUDA).
 //! `agree`: instead, the first 32 greedy tokens of ROWS prompts of different lengths decoded in
@@ -29,12 +32,17 @@ fn main() -> Result<()> {
     let stack_projections = !words.iter().any(|w| w == "separate");
     let ragged = words.iter().any(|w| w == "ragged");
     let padded_attention_kernel = !words.iter().any(|w| w == "nokernel");
-    let model = Model::load_with(&dir, LoadOptions { stack_projections, padded_attention_kernel })?;
+    let prefill_row_padding =
+        words.iter().find_map(|w| w.strip_prefix("padding=")).map(|p| p.parse().expect("padding=SHARE"));
+    let opts = LoadOptions { stack_projections, padded_attention_kernel, prefill_row_padding, ..Default::default() };
+    let model = Model::load_with(&dir, opts)?;
     if words.iter().any(|w| w == "prefill") {
-        return time_prefill(&model, rows);
+        time_prefill(&model, rows, "prompts of a chunk as rows of one batch")?;
+        let other = Model::load_with(&dir, LoadOptions { prefill_rows: false, ..opts })?;
+        return time_prefill(&other, rows, "each prompt attended on its own");
     }
     if words.iter().any(|w| w == "agree") {
-        let other = Model::load_with(&dir, LoadOptions { stack_projections, padded_attention_kernel: false })?;
+        let other = Model::load_with(&dir, LoadOptions { padded_attention_kernel: false, ..opts })?;
         return agree(&model, &other, rows);
     }
     // Prompts of the same length, so that no row is padded (as for one stream); `ragged`: of
@@ -108,20 +116,23 @@ fn main() -> Result<()> {
 
 /// Prefill of `rows` prompts of 128 tokens, chunk by chunk as the worker runs it, each chunk's
 /// prompts then joining one batch; and one prompt of all their tokens. Times in milliseconds.
-fn time_prefill(model: &Model, rows: usize) -> Result<()> {
+fn time_prefill(model: &Model, rows: usize, how: &str) -> Result<()> {
     const LEN: usize = 128;
     const CHUNK: usize = 512;
-    let run = |rows: usize, len: usize| -> Result<(f64, f64, usize, usize)> {
+    let run = |rows: usize, len: usize| -> Result<(f64, f64, usize, usize, usize)> {
         let mut seqs = (0..rows)
             .map(|r| Sequence::new(model, prompt(r, len), Sampler::new(SamplingParams::default())?))
             .collect::<Result<Vec<_>>>()?;
-        let (mut prefill, mut join, mut chunks, mut join_ops) = (0.0, 0.0, 0, 0);
+        let (mut prefill, mut join, mut chunks, mut join_ops, mut prefill_ops) = (0.0, 0.0, 0, 0, 0);
         let mut batch = Batch::new();
         let mut joined = 0;
         while joined < rows {
             let t = std::time::Instant::now();
             let mut refs: Vec<&mut Sequence> = seqs[joined..].iter_mut().collect();
-            model.prefill_chunks(&mut refs, CHUNK)?;
+            model.prefill_chunks_with(&mut refs, CHUNK, |arrays| {
+                prefill_ops += mlx::graph_ops(arrays)?.iter().map(|(_, n)| n).sum::<usize>();
+                Ok(())
+            })?;
             prefill += t.elapsed().as_secs_f64() * 1e3;
             chunks += 1;
             let ready = seqs[joined..].iter().take_while(|s| !s.needs_prefill()).count();
@@ -133,17 +144,17 @@ fn time_prefill(model: &Model, rows: usize) -> Result<()> {
             join += t.elapsed().as_secs_f64() * 1e3;
             joined += ready;
         }
-        Ok((prefill, join, chunks, join_ops))
+        Ok((prefill, join, chunks, join_ops, prefill_ops))
     };
     run(rows, LEN)?; // warm-up
     run(1, rows * LEN)?;
-    let (prefill, join, chunks, join_ops) = run(rows, LEN)?;
-    let (one, _, one_chunks, _) = run(1, rows * LEN)?;
+    let (prefill, join, chunks, join_ops, prefill_ops) = run(rows, LEN)?;
+    let (one, _, one_chunks, _, one_ops) = run(1, rows * LEN)?;
     let tokens = (rows * (LEN - 1)) as f64;
     println!(
-        "prefill: {rows} prompts x {LEN} tokens in {chunks} chunks of {CHUNK}: {prefill:.1} ms ({:.0} tok/s), \
-         joining a batch chunk by chunk {join:.1} ms ({join_ops} operations); one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms \
-         ({:.0} tok/s)",
+        "prefill, {how}: {rows} prompts x {LEN} tokens in {chunks} chunks of {CHUNK}: {prefill:.1} ms ({:.0} tok/s, \
+         {prefill_ops} operations), joining a batch chunk by chunk {join:.1} ms ({join_ops} operations); \
+         one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms ({:.0} tok/s, {one_ops} operations)",
         tokens / prefill * 1e3,
         rows * LEN,
         (rows * LEN - 1) as f64 / one * 1e3

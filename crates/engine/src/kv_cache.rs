@@ -48,6 +48,11 @@ impl LayerCache {
     /// Appends `keys`/`values` of shape `[1, kv_heads, L, head_dim]` and returns views of every
     /// position so far.
     pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        self.append(keys, values, &mut Zeros::default())
+    }
+
+    /// [`LayerCache::update_and_fetch`], taking the zeroed buffers it grows by from `zeros`.
+    pub fn append(&mut self, keys: &Array, values: &Array, zeros: &mut Zeros) -> Result<(Array, Array)> {
         let prev = self.offset;
         let len = keys.dim(2);
         let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
@@ -55,8 +60,8 @@ impl LayerCache {
             let shape = keys.shape();
             let (b, heads, k_dim, v_dim) = (shape[0], shape[1], shape[3], values.dim(3));
             let n_steps = (STEP + len - 1) / STEP;
-            let new_k = Array::zeros(&[b, heads, n_steps * STEP, k_dim], keys.dtype())?;
-            let new_v = Array::zeros(&[b, heads, n_steps * STEP, v_dim], values.dtype())?;
+            let new_k = zeros.get(&[b, heads, n_steps * STEP, k_dim], keys.dtype())?;
+            let new_v = zeros.get(&[b, heads, n_steps * STEP, v_dim], values.dtype())?;
             match (self.keys.take(), self.values.take()) {
                 (Some(k), Some(v)) => {
                     let (k, v) =
@@ -113,6 +118,25 @@ impl LayerCache {
         let n = n.min(self.offset);
         self.offset -= n;
         n
+    }
+}
+
+/// Zeroed arrays, one per shape and dtype, shared by the caches a forward pass grows: a write
+/// into a shared array copies it, so every cache still gets a buffer of its own, and the pass
+/// adds one MLX operation per shape instead of one per buffer.
+#[derive(Default)]
+pub struct Zeros {
+    made: Vec<(Vec<i32>, Dtype, Array)>,
+}
+
+impl Zeros {
+    pub fn get(&mut self, shape: &[i32], dtype: Dtype) -> Result<Array> {
+        if let Some((_, _, a)) = self.made.iter().find(|(s, d, _)| s == shape && *d == dtype) {
+            return Ok(a.clone());
+        }
+        let a = Array::zeros(shape, dtype)?;
+        self.made.push((shape.to_vec(), dtype, a.clone()));
+        Ok(a)
     }
 }
 

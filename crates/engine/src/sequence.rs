@@ -159,10 +159,26 @@ impl Model {
         Ok(self.prefill_chunks(&mut [seq], chunk)?[0])
     }
 
-    /// Prefills the next prompt tokens of several sequences in one forward pass, `budget` tokens
-    /// at most in all (oldest first, the first one always gets at least one), and evaluates their
-    /// caches. Returns the tokens each one processed.
+    /// Prefills the next prompt tokens of several sequences, `budget` tokens at most in all
+    /// (oldest first, the first one always gets at least one), and evaluates their caches.
+    /// Returns the tokens each one processed.
+    ///
+    /// Sequences of similar lengths run as rows of one batch, one attention per layer for all
+    /// of them ([`crate::Transformer::forward_rows`]); the others are packed into one row with one
+    /// attention each ([`crate::Transformer::forward`]). Which ones are rows depends on
+    /// [`crate::LoadOptions::prefill_row_padding`].
     pub fn prefill_chunks(&self, seqs: &mut [&mut Sequence], budget: usize) -> Result<Vec<usize>> {
+        self.prefill_chunks_with(seqs, budget, |_| Ok(()))
+    }
+
+    /// [`Model::prefill_chunks`], handing `inspect` the arrays it is about to evaluate (to
+    /// count the operations of the graph, for example).
+    pub fn prefill_chunks_with(
+        &self,
+        seqs: &mut [&mut Sequence],
+        budget: usize,
+        inspect: impl FnOnce(&[&Array]) -> Result<()>,
+    ) -> Result<Vec<usize>> {
         let mut left = budget.max(1);
         let mut counts = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
@@ -170,22 +186,44 @@ impl Model {
             left -= n;
             counts.push(n);
         }
-        let mut ids = Vec::with_capacity(budget);
-        for (s, &n) in seqs.iter().zip(&counts) {
-            ids.extend_from_slice(&s.prompt[s.prefilled..s.prefilled + n]);
-        }
-        if ids.is_empty() {
+        if counts.iter().all(|&n| n == 0) {
             return Ok(counts);
         }
-        let ids = Array::from_slice(&ids, &[1, ids.len() as i32])?;
+        let earlier: Vec<i32> = seqs.iter().map(|s| s.cache.offset()).collect();
+        let rows = self.transformer.prefill_rows(&counts, &earlier);
+        let next = |s: &Sequence, n: usize| s.prompt[s.prefilled..s.prefilled + n].to_vec();
+        let mut packed_ids = Vec::new();
+        let mut row_ids = Vec::new();
+        let width = rows.iter().map(|&i| counts[i]).max().unwrap_or(0);
+        for (i, (s, &n)) in seqs.iter().zip(&counts).enumerate() {
+            if rows.contains(&i) {
+                // Padded after the tokens with the last of them: computed, never kept.
+                let mut ids = next(s, n);
+                ids.resize(width, ids[n - 1]);
+                row_ids.extend(ids);
+            } else if n > 0 {
+                packed_ids.extend(next(s, n));
+            }
+        }
         {
-            let mut segments: Vec<Segment<'_>> = seqs
-                .iter_mut()
-                .zip(&counts)
-                .filter(|(_, n)| **n > 0)
-                .map(|(s, &n)| Segment { cache: &mut s.cache, len: n as i32 })
-                .collect();
-            self.transformer.forward(&ids, &mut segments, false)?;
+            let mut packed = Vec::new();
+            let mut in_rows = Vec::new();
+            for (i, (s, &n)) in seqs.iter_mut().zip(&counts).enumerate() {
+                let segment = Segment { cache: &mut s.cache, len: n as i32 };
+                if rows.contains(&i) {
+                    in_rows.push(segment);
+                } else if n > 0 {
+                    packed.push(segment);
+                }
+            }
+            if !packed.is_empty() {
+                let ids = Array::from_slice(&packed_ids, &[1, packed_ids.len() as i32])?;
+                self.transformer.forward(&ids, &mut packed, false)?;
+            }
+            if !in_rows.is_empty() {
+                let ids = Array::from_slice(&row_ids, &[in_rows.len() as i32, width as i32])?;
+                self.transformer.forward_rows(&ids, &mut in_rows)?;
+            }
         }
         let arrays: Vec<&Array> = seqs
             .iter()
@@ -193,6 +231,7 @@ impl Model {
             .filter(|(_, n)| **n > 0)
             .flat_map(|(s, _)| s.cache.layers.iter().flat_map(|l| l.state()))
             .collect();
+        inspect(&arrays)?;
         mlx::eval(&arrays)?;
         for (s, &n) in seqs.iter_mut().zip(&counts) {
             s.prefilled += n;

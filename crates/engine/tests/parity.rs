@@ -181,8 +181,6 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
     assert_ne!(plain, read_each_step);
 }
 
-/// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
-/// different lengths), and the first step's log-probabilities of each row.
 /// Rows joining a running batch: a prompt longer than the batch's columns shifts the rows
 /// already there to the right, a shorter one is padded; every row still decodes its prompt's
 /// tokens as it would alone.
@@ -214,6 +212,107 @@ fn rows_joining_a_running_batch_decode_as_each_alone() {
     }
 }
 
+/// Prompts prefilled together as rows of one batch decode as each alone: new prompts, prompts
+/// going on from an earlier chunk, and prompts starting from another sequence's keys and
+/// values (as from the prefix cache), in rows of different lengths.
+#[test]
+fn prompts_prefilled_as_rows_decode_as_each_alone() {
+    for name in ["llama-bf16", "qwen3-q4g64"] {
+        let opts = LoadOptions { prefill_row_padding: Some(1.0), ..Default::default() };
+        let model = Model::load_with(&common::model_dir(name), opts).unwrap();
+        let source: Vec<u32> = (1..21).collect();
+        let seeded: Vec<u32> = (1..11).chain(100..110).collect();
+        let prompts: Vec<Vec<u32>> =
+            vec![source.clone(), (30..54).collect(), (3..31).map(|i| i * 2).collect(), seeded, vec![9, 8, 7, 6, 5]];
+        let mut seqs: Vec<Sequence> = prompts
+            .iter()
+            .map(|p| Sequence::new(&model, p.clone(), Sampler::new(SamplingParams::default()).unwrap()).unwrap())
+            .collect();
+        let mut first = prefilled(&model, &[source], &SamplingParams::default());
+        seqs[3].seed_cache(first[0].take_cache().prefix(10).unwrap()).unwrap();
+        // Chunks of 30 tokens: the first two prompts as new rows; then the second going on beside
+        // the third; then the third going on beside the seeded one and the last.
+        let mut chunks = Vec::new();
+        {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            while refs.iter().any(|s| s.needs_prefill()) {
+                let earlier: Vec<i32> = refs.iter().map(|s| s.cached_tokens()).collect();
+                let counts = model.prefill_chunks(&mut refs, 30).unwrap();
+                chunks.push(model.transformer.prefill_rows(&counts, &earlier));
+            }
+        }
+        assert_eq!(chunks, [vec![0, 1], vec![1, 2], vec![2, 3, 4]], "{name}: rows of each chunk");
+        let mut batch = Batch::new();
+        model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
+        for _ in 0..12 {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let out = model.decode_batch(&mut batch, &mut refs).unwrap();
+            accept_step(&mut seqs, &out);
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            let params = GenerateParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+            assert_eq!(seqs[i].generated(), model.generate(p, &params, |_| true).unwrap().tokens, "{name}: row {i}");
+        }
+    }
+}
+
+/// Which prompts are prefilled as rows: padding and attention over the longest row's columns
+/// within the loaded share of what packing them computes.
+#[test]
+fn prompts_are_rows_while_padding_stays_within_its_share() {
+    let dir = common::model_dir("qwen3-bf16");
+    let with = |share: f32| {
+        Model::load_with(&dir, LoadOptions { prefill_row_padding: Some(share), ..Default::default() }).unwrap()
+    };
+    let (some, none) = (with(1.0), with(0.0));
+    let burst = [127, 127, 127, 127, 4];
+    assert_eq!(some.transformer.prefill_rows(&burst, &[0; 5]), [0, 1, 2, 3, 4]);
+    assert_eq!(none.transformer.prefill_rows(&burst, &[0; 5]), [0, 1, 2, 3], "equal lengths only");
+    assert_eq!(none.transformer.prefill_rows(&[20, 20], &[0, 300]), Vec::<usize>::new(), "unequal columns");
+    // A prompt going on after 4000 positions would make every row attend over them.
+    let counts = [18, 22, 16, 8];
+    assert_eq!(some.transformer.prefill_rows(&counts, &[4000, 0, 0, 0]), [1, 2, 3]);
+    assert_eq!(some.transformer.prefill_rows(&counts, &[40, 30, 20, 10]), [0, 1, 2, 3]);
+    assert_eq!(some.transformer.prefill_rows(&[0, 30, 0], &[0; 3]), Vec::<usize>::new(), "one prompt");
+    let off = Model::load_with(&dir, LoadOptions { prefill_rows: false, ..Default::default() }).unwrap();
+    assert_eq!(off.transformer.prefill_rows(&burst, &[0; 5]), Vec::<usize>::new());
+}
+
+/// Prompts prefilled as rows of one batch build about as many operations as one prompt: each
+/// layer runs one attention for all of them, where packing them runs one each.
+#[test]
+fn prompts_prefilled_as_rows_build_about_one_prompts_operations() {
+    let dir = common::model_dir("qwen3-bf16");
+    let ops = |opts: LoadOptions, prompts: usize| {
+        let model = Model::load_with(&dir, opts).unwrap();
+        let mut seqs: Vec<Sequence> = (0..prompts)
+            .map(|r| {
+                let p = (0..16).map(|i| 10 + i + r as u32).collect();
+                Sequence::new(&model, p, Sampler::new(SamplingParams::default()).unwrap()).unwrap()
+            })
+            .collect();
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let mut n = 0;
+        model
+            .prefill_chunks_with(&mut refs, 512, |arrays| {
+                n = mlx::graph_ops(arrays)?.iter().map(|(_, n)| n).sum();
+                Ok(())
+            })
+            .unwrap();
+        assert!(seqs.iter().all(|s| !s.needs_prefill()));
+        n
+    };
+    let rows = LoadOptions::default();
+    let packed = LoadOptions { prefill_rows: false, ..Default::default() };
+    let one = ops(rows, 1);
+    assert_eq!(one, ops(packed, 1), "one prompt is packed either way");
+    let (as_rows, each) = (ops(rows, 8), ops(packed, 8));
+    assert!(as_rows < 2 * one, "8 prompts as rows: {as_rows} operations, one prompt: {one}");
+    assert!(each > 4 * one, "8 prompts packed: {each} operations, one prompt: {one}");
+}
+
+/// Greedy tokens of `prompts` decoded together as the worker decodes them (one batch, rows of
+/// different lengths), and the first step's log-probabilities of each row.
 fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
     let (mut seqs, mut batch) = joined_batch(model, prompts, &SamplingParams::default());
     let mut first = Vec::new();

@@ -86,6 +86,21 @@ struct Args {
     /// elsewhere.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     padded_attention_kernel: bool,
+    /// Prefill the prompts of one chunk as rows of one batch, with one attention per layer for
+    /// all of them, instead of one attention each.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prefill_rows: bool,
+    /// How much padding rows of different lengths may add to such a prefill, as a share of its
+    /// tokens (0: rows of equal length only). When absent, 1 on a GPU and 0 on the CPU.
+    #[arg(long, value_parser = padding_share)]
+    prefill_row_padding: Option<f32>,
+}
+
+fn padding_share(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("expected a number of 0 or more (a share of the prefill's tokens), got `{s}`")),
+    }
 }
 
 fn main() {
@@ -148,6 +163,8 @@ fn run(args: Args) -> Result<()> {
         load: mlx_serving_engine::LoadOptions {
             stack_projections: args.stack_projections,
             padded_attention_kernel: args.padded_attention_kernel,
+            prefill_rows: args.prefill_rows,
+            prefill_row_padding: args.prefill_row_padding,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -69,23 +69,28 @@ async fn sixteen_concurrent_streams_equal_each_alone() {
             assert_eq!(alone[i].tokens, case.greedy_tokens, "golden case {i} differs from mlx-lm");
         }
 
-        let client = Arc::new(w.client);
-        let mut tasks = Vec::new();
-        for r in requests.clone() {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move { collect(client.generate(r).await.expect("generate")).await }));
+        // On this worker, and on one that prefills prompts of different lengths as rows of one
+        // batch (on the CPU only prompts of equal length are, unless told otherwise).
+        let rows = with_model(&["--prefill-chunk", "64", "--max-sequences", "16", "--prefill-row-padding", "1"]).await;
+        for (w, served_before) in [(w, 16), (rows, 0)] {
+            let client = Arc::new(w.client);
+            let mut tasks = Vec::new();
+            for r in requests.clone() {
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move { collect(client.generate(r).await.expect("generate")).await }));
+            }
+            for ((task, alone), r) in tasks.into_iter().zip(&alone).zip(&requests) {
+                let together = task.await.unwrap();
+                assert_eq!(together.tokens, alone.tokens, "stream {} changed when batched", r.id);
+                assert_eq!(together.text, alone.text, "stream {} text changed when batched", r.id);
+                assert_eq!(together.last.finish_reason, FinishReason::Length, "stream {}", r.id);
+                assert_eq!(together.last.usage.completion_tokens, r.max_tokens);
+            }
+            let stats = client.stats().await.unwrap();
+            assert_eq!(stats.active_sequences, 0);
+            assert_eq!(stats.kv_reserved_bytes, 0, "every reservation is released");
+            assert_eq!(stats.requests.length, served_before + 16);
         }
-        for ((task, alone), r) in tasks.into_iter().zip(&alone).zip(&requests) {
-            let together = task.await.unwrap();
-            assert_eq!(together.tokens, alone.tokens, "stream {} changed when batched", r.id);
-            assert_eq!(together.text, alone.text, "stream {} text changed when batched", r.id);
-            assert_eq!(together.last.finish_reason, FinishReason::Length, "stream {}", r.id);
-            assert_eq!(together.last.usage.completion_tokens, r.max_tokens);
-        }
-        let stats = client.stats().await.unwrap();
-        assert_eq!(stats.active_sequences, 0);
-        assert_eq!(stats.kv_reserved_bytes, 0, "every reservation is released");
-        assert_eq!(stats.requests.length, 32);
     })
     .await
     .expect("test timed out");

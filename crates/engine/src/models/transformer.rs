@@ -11,13 +11,13 @@
 //! Several sequences run in one forward pass: their tokens are packed along the sequence axis, the
 //! projections and the MLP see all of them at once, and attention runs per sequence against that
 //! sequence's own cache, with the same shapes and mask as if it ran alone.
-use mlx::fast::{self, Mask};
+use mlx::fast::{self, Mask, RopeOffset};
 use mlx::{Array, Dtype};
 
 use crate::batch::{BatchCache, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{KvCache, LayerCache};
+use crate::kv_cache::{KvCache, LayerCache, Zeros};
 use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked, split_heads};
 use crate::weights::Weights;
 
@@ -52,11 +52,24 @@ pub struct LoadOptions {
     /// kernel instead of MLX's masked attention, which it composes from about 15 operations
     /// per layer. Elsewhere there is no such kernel and this changes nothing.
     pub padded_attention_kernel: bool,
+    /// Prompts prefilled together run as rows of one batch, with one attention per layer for
+    /// all of them ([`Transformer::forward_rows`]), instead of one attention each.
+    pub prefill_rows: bool,
+    /// How much padding rows of different lengths may add to such a pass, as a share of its
+    /// tokens. `None`: 1 on a GPU, where a small model's pass is bound by the host's cost per
+    /// operation, and 0 on the CPU, where it is bound by arithmetic (so rows there are only
+    /// prompts of equal length).
+    pub prefill_row_padding: Option<f32>,
 }
 
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
-        LoadOptions { stack_projections: true, padded_attention_kernel: true }
+        LoadOptions {
+            stack_projections: true,
+            padded_attention_kernel: true,
+            prefill_rows: true,
+            prefill_row_padding: None,
+        }
     }
 }
 
@@ -147,6 +160,8 @@ pub struct Transformer {
     pub spec: Spec,
     /// Padded batch rows attend through [`fast::padded_attention`] (see [`LoadOptions`]).
     padded_kernel: bool,
+    /// The padding a prefill as rows may add, as a share of its tokens; `None`: no such prefill.
+    row_padding: Option<f32>,
 }
 
 impl Transformer {
@@ -220,7 +235,10 @@ impl Transformer {
             Some(Linear::load(w, c, "lm_head", dim, c.vocab_size, false)?)
         };
         let padded_kernel = opts.padded_attention_kernel && fast::padded_attention_available(hd);
-        let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec, padded_kernel };
+        let row_padding = opts.prefill_rows.then(|| {
+            opts.prefill_row_padding.unwrap_or(if mlx::default_device() == mlx::Device::Gpu { 1.0 } else { 0.0 })
+        });
+        let model = Transformer { embed_tokens, layers, norm, lm_head, config, spec, padded_kernel, row_padding };
         mlx::eval(&model.arrays())?;
         Ok(model)
     }
@@ -249,6 +267,35 @@ impl Transformer {
         self.layers.len()
     }
 
+    /// Which of several sequences to prefill as rows of one batch, given each one's next
+    /// `counts` tokens (0: none) and the positions `earlier` in its cache. Rows cost more
+    /// arithmetic than packing: padding after the shorter rows, and attention of every row over
+    /// the columns of the row with the most positions. Both must stay within the loaded share
+    /// of what packing computes. Tried in turn: every sequence with tokens; those at least half
+    /// as long as the longest; the ones with no earlier positions; of those, the ones at least
+    /// half as long. The first set of two rows or more that fits is taken; none when
+    /// [`LoadOptions::prefill_rows`] is off.
+    pub fn prefill_rows(&self, counts: &[usize], earlier: &[i32]) -> Vec<usize> {
+        let Some(share) = self.row_padding else { return Vec::new() };
+        let allowed = 1.0 + f64::from(share);
+        let fits = |rows: &[usize]| {
+            let len = rows.iter().map(|&i| counts[i]).max().unwrap_or(0) as f64;
+            let columns = rows.iter().map(|&i| earlier[i] as f64 + counts[i] as f64).fold(0.0, f64::max);
+            let tokens: f64 = rows.iter().map(|&i| counts[i] as f64).sum();
+            let area: f64 = rows.iter().map(|&i| counts[i] as f64 * (earlier[i] as f64 + counts[i] as f64)).sum();
+            let n = rows.len() as f64;
+            rows.len() >= 2 && n * len <= allowed * tokens && n * len * columns <= allowed * area
+        };
+        let long = |rows: &[usize]| -> Vec<usize> {
+            let longest = rows.iter().map(|&i| counts[i]).max().unwrap_or(0);
+            rows.iter().copied().filter(|&i| 2 * counts[i] > longest).collect()
+        };
+        let active: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
+        let new: Vec<usize> = active.iter().copied().filter(|&i| earlier[i] == 0).collect();
+        let (long_active, long_new) = (long(&active), long(&new));
+        [active, long_active, new, long_new].into_iter().find(|rows| fits(rows)).unwrap_or_default()
+    }
+
     /// The dtype activations and the KV cache take.
     pub fn dtype(&self) -> Dtype {
         self.norm.weight.dtype()
@@ -262,10 +309,11 @@ impl Transformer {
         if segments.is_empty() || ids.shape() != [1, total] || segments.iter().any(|s| s.len <= 0) {
             return Err(EngineError::invalid("forward: segments must be non-empty and cover the tokens exactly"));
         }
+        let mut zeros = Zeros::default();
         let mut h = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&h)?;
-            let r = layer.self_attn.forward(&normed, segments, i)?;
+            let r = layer.self_attn.forward(&normed, segments, i, &mut zeros)?;
             h = h.add(&r)?;
             let r = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
             h = h.add(&r)?;
@@ -317,7 +365,125 @@ impl Transformer {
     }
 }
 
+impl Transformer {
+    /// Prefills the next tokens of several sequences as rows of one batch. `ids` is
+    /// `[rows, len]`: row `i`'s first `segments[i].len` tokens are its sequence's next ones,
+    /// appended to its cache; the rest of the row is padding after them, computed and dropped.
+    /// Each layer runs one attention for all rows. When no row has earlier positions, the rows'
+    /// new keys are all there is and a causal mask covers both their order and their padding.
+    /// Otherwise each row's cache is gathered into one `[rows, kv_heads, columns, head_dim]`
+    /// array and a mask lets each row's position `p` see its columns up to `p`. Fills the
+    /// caches only (no logits).
+    pub fn forward_rows(&self, ids: &Array, segments: &mut [Segment<'_>]) -> Result<()> {
+        let (rows, len) = (ids.dim(0), ids.dim(ids.ndim() as i32 - 1));
+        if ids.ndim() != 2 || segments.len() != rows as usize || segments.iter().any(|s| s.len <= 0 || s.len > len) {
+            return Err(EngineError::invalid("forward_rows: one segment per row, each within its row"));
+        }
+        let layout = RowsLayout::new(segments, len)?;
+        let mut zeros = Zeros::default();
+        let mut h = self.embed_tokens.forward(ids)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&h)?;
+            // Of the last layer, a prefill needs only the keys and values.
+            let Some(r) = layer.self_attn.forward_rows(&normed, segments, i, &layout, &mut zeros, i < last)? else {
+                break;
+            };
+            h = h.add(&r)?;
+            let r = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.add(&r)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where rows prefilled together start, and what each row's attention sees.
+struct RowsLayout {
+    /// Each row's earlier positions (its cache's), `[rows]`, when they differ between rows.
+    offsets: Option<Array>,
+    offset: i32,
+    /// When a row has earlier positions: the columns of the gathered keys (the most positions
+    /// of any row) and the mask over them, `[rows, 1, len, columns]`, true where new position
+    /// `j` of row `i` sees column `c`: `c <= earlier_i + j`.
+    gathered: Option<(i32, Array)>,
+}
+
+impl RowsLayout {
+    fn new(segments: &[Segment<'_>], len: i32) -> Result<RowsLayout> {
+        let earlier: Vec<i32> = segments.iter().map(|s| s.cache.offset()).collect();
+        let first = earlier.first().copied().unwrap_or(0);
+        let offsets = if earlier.iter().all(|&p| p == first) {
+            None
+        } else {
+            Some(Array::from_slice(&earlier, &[earlier.len() as i32])?)
+        };
+        let gathered = if earlier.iter().all(|&p| p == 0) {
+            None
+        } else {
+            let columns = segments.iter().zip(&earlier).map(|(s, p)| p + s.len).max().unwrap_or(0);
+            let mut mask = Vec::with_capacity(earlier.len() * (len * columns) as usize);
+            for &p in &earlier {
+                for j in 0..len {
+                    mask.extend((0..columns).map(|c| c <= p + j));
+                }
+            }
+            Some((columns, Array::from_slice(&mask, &[earlier.len() as i32, 1, len, columns])?))
+        };
+        Ok(RowsLayout { offsets, offset: first, gathered })
+    }
+
+    fn rope_offset(&self) -> RopeOffset<'_> {
+        match &self.offsets {
+            Some(a) => RopeOffset::PerRow(a),
+            None => RopeOffset::Scalar(self.offset),
+        }
+    }
+}
+
 impl Attention {
+    /// Attention of rows prefilled together (`[rows, len, hidden]` input; see
+    /// [`Transformer::forward_rows`]). Without `output`, returns `None` once the caches hold the
+    /// keys and values.
+    fn forward_rows(
+        &self,
+        x: &Array,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+        layout: &RowsLayout,
+        zeros: &mut Zeros,
+        output: bool,
+    ) -> Result<Option<Array>> {
+        let (rows, len) = (x.dim(0), x.dim(1));
+        let [q, k, v] = self.project(x)?;
+        let keys = self.rope.forward_at(&heads(&k, self.k_norm.as_ref())?, layout.rope_offset())?;
+        let values = heads(&v, None)?;
+        let (kv_heads, k_dim, v_dim) = (keys.dim(1), keys.dim(3), values.dim(3));
+        let mut cached = Vec::with_capacity(segments.len());
+        for (i, seg) in segments.iter_mut().enumerate() {
+            let r = i as i32;
+            let row = |a: &Array, dim: i32| a.slice(&[r, 0, 0, 0], &[r + 1, kv_heads, seg.len, dim], &[1; 4]);
+            cached.push(seg.cache.layers[layer].append(&row(&keys, k_dim)?, &row(&values, v_dim)?, zeros)?);
+        }
+        if !output {
+            return Ok(None);
+        }
+        let queries = self.rope.forward_at(&heads(&q, self.q_norm.as_ref())?, layout.rope_offset())?;
+        let out = match &layout.gathered {
+            None => fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, Mask::Causal)?,
+            Some((columns, mask)) => {
+                let mut all_keys = zeros.get(&[rows, kv_heads, *columns, k_dim], keys.dtype())?;
+                let mut all_values = zeros.get(&[rows, kv_heads, *columns, v_dim], values.dtype())?;
+                for (i, (k, v)) in cached.iter().enumerate() {
+                    let (r, n) = (i as i32, k.dim(2));
+                    all_keys = all_keys.slice_update(k, &[r, 0, 0, 0], &[r + 1, kv_heads, n, k_dim])?;
+                    all_values = all_values.slice_update(v, &[r, 0, 0, 0], &[r + 1, kv_heads, n, v_dim])?;
+                }
+                fast::scaled_dot_product_attention(&queries, &all_keys, &all_values, self.scale, Mask::Array(mask))?
+            }
+        };
+        Ok(Some(self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, len, -1])?)?))
+    }
+
     /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input).
     fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
         let rows = x.dim(0);
@@ -332,10 +498,10 @@ impl Attention {
         self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, 1, -1])?)
     }
 
-    fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize) -> Result<Array> {
+    fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize, zeros: &mut Zeros) -> Result<Array> {
         let [q, k, v] = self.project(x)?;
         if let [seg] = segments {
-            let out = self.attend(&q, &k, &v, seg.len, &mut seg.cache.layers[layer])?;
+            let out = self.attend(&q, &k, &v, seg.len, &mut seg.cache.layers[layer], zeros)?;
             return self.o_proj.forward(&out);
         }
         let mut outs = Vec::with_capacity(segments.len());
@@ -343,7 +509,7 @@ impl Attention {
         for seg in segments.iter_mut() {
             let end = start + seg.len;
             let part = |a: &Array| a.slice_axis(1, start, end);
-            outs.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, seg.len, &mut seg.cache.layers[layer])?);
+            outs.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, seg.len, &mut seg.cache.layers[layer], zeros)?);
             start = end;
         }
         let refs: Vec<&Array> = outs.iter().collect();
@@ -360,14 +526,22 @@ impl Attention {
     }
 
     /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections).
-    fn attend(&self, q: &Array, k: &Array, v: &Array, len: i32, cache: &mut LayerCache) -> Result<Array> {
+    fn attend(
+        &self,
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        len: i32,
+        cache: &mut LayerCache,
+        zeros: &mut Zeros,
+    ) -> Result<Array> {
         let queries = heads(q, self.q_norm.as_ref())?;
         let keys = heads(k, self.k_norm.as_ref())?;
         let values = heads(v, None)?;
         let offset = cache.offset();
         let queries = self.rope.forward(&queries, offset)?;
         let keys = self.rope.forward(&keys, offset)?;
-        let (keys, values) = cache.update_and_fetch(&keys, &values)?;
+        let (keys, values) = cache.append(&keys, &values, zeros)?;
         let mask = if len > 1 { Mask::Causal } else { Mask::None };
         let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, mask)?;
         Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[1, len, -1])?)
