@@ -12,7 +12,7 @@ use mlx::{Array, Dtype};
 
 use crate::Model;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{KvCache, LayerCache, STEP};
+use crate::kv_cache::{KvCache, LayerCache, STEP, Zeros};
 use crate::sample::Sampled;
 use crate::sequence::Sequence;
 
@@ -84,11 +84,12 @@ impl BatchCache {
     /// row's first column instead, for the padded-attention kernel).
     pub fn begin_step(&mut self, kernel: bool) -> Result<StepLayout> {
         if self.idx + 1 > self.capacity() {
+            let mut zeros = Zeros::default();
             for l in &mut self.layers {
-                let grow = |a: &Array| -> Result<Array> {
+                let mut grow = |a: &Array| -> Result<Array> {
                     let mut shape = a.shape();
                     shape[2] = STEP;
-                    Ok(mlx::concatenate(&[a, &Array::zeros(&shape, a.dtype())?], 2)?)
+                    Ok(mlx::concatenate(&[a, &zeros.get(&shape, a.dtype())?], 2)?)
                 };
                 l.keys = grow(&l.keys)?;
                 l.values = grow(&l.values)?;
@@ -281,12 +282,14 @@ impl Model {
         let rows_before = batch.keys.len() as i32;
         let rows = rows_before + seqs.len() as i32;
         let mut layers = Vec::with_capacity(t.num_layers());
+        let mut zeros = Zeros::default();
         for layer in 0..t.num_layers() {
-            // One zeroed buffer per array, the old rows written in shifted right by `shift`
-            // columns and each new row ending at column `target`: 2 + new rows operations per
-            // array, where padding each part and concatenating them would take about 3 per row.
+            // Each array starts from one zeroed buffer shared by all (a write copies it): the old
+            // rows are written in shifted right by `shift` columns, and each new row ends at
+            // column `target`. That is one write for the old rows and one per new row, where
+            // padding each part and concatenating them would take about 3 operations per row.
             let shape = [rows, kv_heads, capacity, head_dim];
-            let (mut keys, mut values) = (Array::zeros(&shape, dtype)?, Array::zeros(&shape, dtype)?);
+            let (mut keys, mut values) = (zeros.get(&shape, dtype)?, zeros.get(&shape, dtype)?);
             let place = |buf: &Array, part: &Array, row: i32, col: i32| -> Result<Array> {
                 let (n, cols) = (part.dim(0), part.dim(2));
                 Ok(buf.slice_update(
