@@ -31,8 +31,9 @@ def test_heartbeats_arrive_with_increasing_seq(start):
 
 
 def test_heartbeats_keep_arriving_during_a_long_prefill(start):
-    # Small chunks make the prefill of a near-context prompt take many engine steps.
-    w = start("--prefill-chunk", "4", heartbeat_ms=20)
+    # Small chunks, also while no other stream decodes, make the prefill of a near-context prompt
+    # take many engine steps.
+    w = start("--prefill-chunk", "4", "--prefill-chunk-idle", "4", heartbeat_ms=20)
     before = w.result("stats", {})["progress"]["prefilled_tokens"]
     prompt = [3 + (i * 7) % 900 for i in range(1000)]
     t0 = time.monotonic()

@@ -19,6 +19,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     pub kv_cache_bytes: u64,
     pub prefill_chunk: usize,
+    /// Prompt tokens per prefill chunk while no stream decodes.
+    pub prefill_chunk_idle: usize,
     pub max_line_bytes: usize,
     /// Context of every model when below its own; 0: each model's own.
     pub max_context_tokens: usize,

@@ -57,6 +57,12 @@ struct Args {
     /// Prompt tokens per prefill chunk; between chunks the running streams decode a step.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk: u64,
+    /// Prompt tokens per prefill chunk at most while no stream decodes: no one waits on the
+    /// chunk, and a larger one prefills faster where each operation has a fixed cost (mlx-lm's
+    /// prefill step by default). A chunk grows only as far as the model prefills in about a
+    /// second, measured on its last chunk; below --prefill-chunk this changes nothing.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    prefill_chunk_idle: u64,
     /// Longest accepted input line in bytes; longer lines get an error response.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     max_line_bytes: usize,
@@ -157,6 +163,7 @@ fn run(args: Args) -> Result<()> {
         max_queue: args.max_queue,
         kv_cache_bytes: args.kv_cache_bytes,
         prefill_chunk: args.prefill_chunk as usize,
+        prefill_chunk_idle: args.prefill_chunk_idle as usize,
         max_line_bytes: args.max_line_bytes,
         max_context_tokens: args.max_context_tokens,
         prefix_cache_bytes: args.prefix_cache_bytes,

@@ -34,7 +34,13 @@ struct Loaded {
     /// The decoding sequences of this model, one row each.
     batch: Batch,
     prefix: PrefixCache,
+    /// Prompt tokens per second of this model's last prefill chunk, once one ran.
+    prefill_rate: Option<f64>,
 }
+
+/// The longest a prefill chunk of an idle worker is meant to take: the engine reports no progress
+/// while a chunk runs, and a supervisor calls a busy worker hung after a few seconds of none.
+const IDLE_CHUNK_SECONDS: f64 = 1.0;
 
 impl Loaded {
     /// Takes the rows of `gone` out of the batch. A row whose sequence `history` gives (its
@@ -351,6 +357,7 @@ impl Scheduler {
             path,
             batch: Batch::new(),
             prefix: PrefixCache::new(self.config.prefix_cache_bytes as usize),
+            prefill_rate: None,
         };
         tracing::info!(model = %name, weight_bytes = loaded.weight_bytes, "model loaded");
         let info = self.model_info(&name, &loaded);
@@ -580,32 +587,43 @@ impl Scheduler {
     /// One chunk of prompt tokens (`prefill_chunk` at most), from the oldest prompts still
     /// prefilling of one model, in one forward pass: a long prompt delays the running streams by
     /// one chunk per step rather than by its whole length, and many short prompts start together.
-    /// Returns whether it ran one.
+    /// While no stream decodes, no one waits on the chunk: it takes up to `prefill_chunk_idle`
+    /// tokens, as many as the model's last chunk says it prefills in [`IDLE_CHUNK_SECONDS`] (and
+    /// never fewer than `prefill_chunk`). Returns whether it ran one.
     fn prefill_one_chunk(&mut self) -> bool {
+        let decoding = self.models.values().any(|m| !m.batch.is_empty());
         let Some(model) =
             self.running.iter().find(|r| r.done.is_none() && r.seq.needs_prefill()).map(|r| r.model.clone())
         else {
             return false;
         };
-        let Some(loaded) = self.models.get(&model) else {
+        let Some(loaded) = self.models.get_mut(&model) else {
             return false;
+        };
+        let (chunk, idle) = (self.config.prefill_chunk, self.config.prefill_chunk_idle);
+        let budget = match loaded.prefill_rate {
+            Some(rate) if !decoding => ((rate * IDLE_CHUNK_SECONDS) as usize).min(idle).max(chunk),
+            _ => chunk,
         };
         let mut group: Vec<&mut Request> = Vec::new();
         let mut tokens = 0;
         for r in self.running.iter_mut().filter(|r| r.model == model && r.done.is_none() && r.seq.needs_prefill()) {
-            if tokens >= self.config.prefill_chunk {
+            if tokens >= budget {
                 break;
             }
             tokens += r.seq.prompt().len() - 1 - r.seq.prefilled();
             group.push(r);
         }
+        let start = Instant::now();
         let result = {
             let mut seqs: Vec<&mut Sequence> = group.iter_mut().map(|r| &mut r.seq).collect();
-            loaded.model.prefill_chunks(&mut seqs, self.config.prefill_chunk)
+            loaded.model.prefill_chunks(&mut seqs, budget)
         };
         match result {
             Ok(counts) => {
-                self.shared.prefilled_tokens.fetch_add(counts.iter().sum::<usize>() as u64, Relaxed);
+                let tokens = counts.iter().sum::<usize>();
+                loaded.prefill_rate = Some(tokens as f64 / start.elapsed().as_secs_f64().max(1e-6));
+                self.shared.prefilled_tokens.fetch_add(tokens as u64, Relaxed);
             }
             Err(e) => {
                 after_mlx_error(&e);

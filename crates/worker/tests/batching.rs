@@ -247,3 +247,32 @@ async fn the_prefix_cache_stays_within_its_budget() {
     .await
     .expect("test timed out");
 }
+
+/// While no stream decodes, no one waits on a prefill chunk: it takes up to
+/// `--prefill-chunk-idle` tokens instead of `--prefill-chunk`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_prefills_in_larger_chunks() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let prompt: Vec<u32> = (0..100u32).map(|i| 3 + (i * 7) % 900).collect();
+        let mut runs = Vec::new();
+        for idle in ["4096", "8"] {
+            let w = with_model(&["--prefill-chunk", "8", "--prefill-chunk-idle", idle]).await;
+            // The first chunk of a model takes `--prefill-chunk` tokens and measures its speed.
+            collect(w.client.generate(request("warm-up", Prompt::TokenIds(vec![5; 20]), 1)).await.unwrap()).await;
+            let before = w.client.stats().await.unwrap().progress;
+            let s = collect(w.client.generate(request("p", Prompt::TokenIds(prompt.clone()), 1)).await.unwrap()).await;
+            assert_eq!(s.last.finish_reason, FinishReason::Length);
+            let after = w.client.stats().await.unwrap().progress;
+            assert_eq!(after.prefilled_tokens - before.prefilled_tokens, 99);
+            runs.push((after.steps as i64 - before.steps as i64, s.tokens));
+        }
+        // 99 prompt tokens: one chunk of up to 4096, or 13 chunks of 8, so 12 more engine steps.
+        // Either count may include one step more: the decode step built ahead of the last token
+        // runs after the final event, before or after the second `stats`.
+        let more = runs[1].0 - runs[0].0;
+        assert!((11..=13).contains(&more), "engine steps (idle chunk 4096, then 8): {runs:?}");
+        assert_eq!(runs[0].1, runs[1].1, "the chunks change no token");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -11,8 +11,9 @@ use mlx_serving_protocol::{FinishReason, GenerateEvent, HEARTBEAT_METHOD, Heartb
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_arriving_during_a_long_prefill() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        // Small chunks make the prefill of a near-context prompt take many engine steps.
-        let w = with_model(&["--prefill-chunk", "4", "--heartbeat-ms", "20"]).await;
+        // Small chunks, also while no other stream decodes, make the prefill of a near-context
+        // prompt take many engine steps.
+        let w = with_model(&["--prefill-chunk", "4", "--prefill-chunk-idle", "4", "--heartbeat-ms", "20"]).await;
         let mut beats = w.client.subscribe_to_method::<Heartbeat>(HEARTBEAT_METHOD).await.unwrap();
         let prompt: Vec<u32> = (0..1000u32).map(|i| 3 + (i * 7) % 900).collect();
         let before = w.client.stats().await.unwrap().progress.prefilled_tokens;
