@@ -155,6 +155,14 @@ int mlxs_default_device(void) {
   return mx::default_device().type == mx::Device::gpu ? MLXS_GPU : MLXS_CPU;
 }
 
+int mlxs_default_device_is_cuda(void) {
+  try {
+    return mx::cu::is_available() && mx::default_device().type == mx::Device::gpu ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
 size_t mlxs_active_memory(void) { return mx::get_active_memory(); }
 size_t mlxs_peak_memory(void) { return mx::get_peak_memory(); }
 size_t mlxs_cache_memory(void) { return mx::get_cache_memory(); }
@@ -485,14 +493,7 @@ static const char* const kPaddedAttention =
 static bool padded_attention_head_dim(int d) { return d > 0 && d % 32 == 0 && d <= 256; }
 
 int mlxs_padded_attention_available(int head_dim) {
-  try {
-    return padded_attention_head_dim(head_dim) && mx::cu::is_available() &&
-                   mx::default_device().type == mx::Device::gpu
-               ? 1
-               : 0;
-  } catch (...) {
-    return 0;
-  }
+  return padded_attention_head_dim(head_dim) && mlxs_default_device_is_cuda() ? 1 : 0;
 }
 
 mlxs_array* mlxs_padded_attention(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v,

@@ -96,6 +96,8 @@ const char* mlxs_graph_ops(mlxs_array* const* arrays, size_t n);
 int mlxs_gpu_available(void);
 int mlxs_set_default_device(int device);
 int mlxs_default_device(void);
+/* 1 when the default device is a GPU of MLX's CUDA backend. */
+int mlxs_default_device_is_cuda(void);
 size_t mlxs_active_memory(void);
 size_t mlxs_peak_memory(void);
 size_t mlxs_cache_memory(void);

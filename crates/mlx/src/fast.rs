@@ -211,6 +211,8 @@ mod tests {
         let e = padded_attention(&q, &kv, &kv, 1.0, &Array::from_slice(&[0i32], &[1])?).unwrap_err().to_string();
         assert!(e.contains("starts [B]"), "{e}");
         // Only MLX's CUDA backend runs the kernel; elsewhere the call says so instead of failing later.
+        assert_eq!(padded_attention_available(32), crate::default_device_is_cuda());
+        assert!(!padded_attention_available(48) && !padded_attention_available(512), "head sizes");
         if !padded_attention_available(32) {
             let e = padded_attention(&q, &kv, &kv, 1.0, &starts).unwrap_err().to_string();
             assert!(e.contains("CUDA"), "{e}");

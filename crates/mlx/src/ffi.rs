@@ -66,6 +66,7 @@ unsafe extern "C" {
     pub fn mlxs_gpu_available() -> i32;
     pub fn mlxs_set_default_device(device: i32) -> i32;
     pub fn mlxs_default_device() -> i32;
+    pub fn mlxs_default_device_is_cuda() -> i32;
     pub fn mlxs_active_memory() -> usize;
     pub fn mlxs_peak_memory() -> usize;
     pub fn mlxs_cache_memory() -> usize;

@@ -62,6 +62,12 @@ pub fn set_default_device(device: Device) -> Result<()> {
     error::status(unsafe { ffi::mlxs_set_default_device(code) })
 }
 
+/// Whether the current default device is a GPU of MLX's CUDA backend (not Metal, not the CPU).
+pub fn default_device_is_cuda() -> bool {
+    // SAFETY: plain query.
+    unsafe { ffi::mlxs_default_device_is_cuda() == 1 }
+}
+
 /// The current default device.
 pub fn default_device() -> Device {
     // SAFETY: plain query.

@@ -97,7 +97,8 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     prefill_rows: bool,
     /// How much padding rows of different lengths may add to such a prefill, as a share of its
-    /// tokens (0: rows of equal length only). When absent, 1 on a GPU and 0 on the CPU.
+    /// tokens (0: rows of equal length only). When absent, 1 on MLX's CUDA backend, 0 on Metal
+    /// and the CPU.
     #[arg(long, value_parser = padding_share)]
     prefill_row_padding: Option<f32>,
 }
