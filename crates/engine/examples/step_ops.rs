@@ -12,6 +12,7 @@
 //! worker admits a burst of requests), their joining a batch a chunk at a time, and the prefill
 //! of one prompt as long as all of them; with the prompts of a chunk as rows of one batch, and
 //! each attended on its own (`--prefill-rows false`), with the operations of each.
+//! `chunk=N`: prefill chunks of N tokens instead of 512 (an idle worker's `--prefill-chunk-idle`).
 //! `padding=SHARE`: how much padding rows prefilled together may add, as a share of their tokens
 //! (the worker's `--prefill-row-padding`).
 //! `nokernel`: padded rows attend through MLX's masked attention even where the padded-attention
@@ -37,9 +38,10 @@ fn main() -> Result<()> {
     let opts = LoadOptions { stack_projections, padded_attention_kernel, prefill_row_padding, ..Default::default() };
     let model = Model::load_with(&dir, opts)?;
     if words.iter().any(|w| w == "prefill") {
-        time_prefill(&model, rows, "prompts of a chunk as rows of one batch")?;
+        let chunk = words.iter().find_map(|w| w.strip_prefix("chunk=")).map_or(512, |c| c.parse().expect("chunk=N"));
+        time_prefill(&model, rows, chunk, "prompts of a chunk as rows of one batch")?;
         let other = Model::load_with(&dir, LoadOptions { prefill_rows: false, ..opts })?;
-        return time_prefill(&other, rows, "each prompt attended on its own");
+        return time_prefill(&other, rows, chunk, "each prompt attended on its own");
     }
     if words.iter().any(|w| w == "agree") {
         let other = Model::load_with(&dir, LoadOptions { padded_attention_kernel: false, ..opts })?;
@@ -114,11 +116,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Prefill of `rows` prompts of 128 tokens, chunk by chunk as the worker runs it, each chunk's
+/// Prefill of `rows` prompts of 128 tokens, `chunk` tokens at a time as the worker runs it, each chunk's
 /// prompts then joining one batch; and one prompt of all their tokens. Times in milliseconds.
-fn time_prefill(model: &Model, rows: usize, how: &str) -> Result<()> {
+fn time_prefill(model: &Model, rows: usize, chunk: usize, how: &str) -> Result<()> {
     const LEN: usize = 128;
-    const CHUNK: usize = 512;
     let run = |rows: usize, len: usize| -> Result<(f64, f64, usize, usize, usize)> {
         let mut seqs = (0..rows)
             .map(|r| Sequence::new(model, prompt(r, len), Sampler::new(SamplingParams::default())?))
@@ -129,7 +130,7 @@ fn time_prefill(model: &Model, rows: usize, how: &str) -> Result<()> {
         while joined < rows {
             let t = std::time::Instant::now();
             let mut refs: Vec<&mut Sequence> = seqs[joined..].iter_mut().collect();
-            model.prefill_chunks_with(&mut refs, CHUNK, |arrays| {
+            model.prefill_chunks_with(&mut refs, chunk, |arrays| {
                 prefill_ops += mlx::graph_ops(arrays)?.iter().map(|(_, n)| n).sum::<usize>();
                 Ok(())
             })?;
@@ -152,7 +153,7 @@ fn time_prefill(model: &Model, rows: usize, how: &str) -> Result<()> {
     let (one, _, one_chunks, _, one_ops) = run(1, rows * LEN)?;
     let tokens = (rows * (LEN - 1)) as f64;
     println!(
-        "prefill, {how}: {rows} prompts x {LEN} tokens in {chunks} chunks of {CHUNK}: {prefill:.1} ms ({:.0} tok/s, \
+        "prefill, {how}: {rows} prompts x {LEN} tokens in {chunks} chunks of {chunk}: {prefill:.1} ms ({:.0} tok/s, \
          {prefill_ops} operations), joining a batch chunk by chunk {join:.1} ms ({join_ops} operations); \
          one prompt of {} tokens in {one_chunks} chunks: {one:.1} ms ({:.0} tok/s, {one_ops} operations)",
         tokens / prefill * 1e3,
