@@ -14,9 +14,24 @@ fn packed(in_features: i32, q: Quantization) -> i32 {
 /// `y = x W^T + b`, dense or MLX affine-quantized. On the CPU a bfloat16 weight is kept packed
 /// for [`fast::packed_matmul`], which gives MLX's own products faster.
 pub enum Linear {
-    Dense { weight: Array, bias: Option<Array> },
-    Packed { weight: PackedWeight, bias: Option<Array> },
-    Quantized { weight: Array, scales: Array, biases: Array, bias: Option<Array>, q: Quantization },
+    /// `weight_t`: the weight's transpose, a view made once so that a product adds no
+    /// transposition to the graph of each step.
+    Dense {
+        weight: Array,
+        weight_t: Array,
+        bias: Option<Array>,
+    },
+    Packed {
+        weight: PackedWeight,
+        bias: Option<Array>,
+    },
+    Quantized {
+        weight: Array,
+        scales: Array,
+        biases: Array,
+        bias: Option<Array>,
+        q: Quantization,
+    },
 }
 
 /// A bfloat16 weight `[n, k]` packed for [`fast::packed_matmul`].
@@ -72,15 +87,15 @@ impl Linear {
             (Some(q), Some((scales, biases))) => Ok(Linear::Quantized { weight, scales, biases, bias, q }),
             _ => Ok(match PackedWeight::pack(&weight, bias.as_ref())? {
                 Some(weight) => Linear::Packed { weight, bias },
-                None => Linear::Dense { weight, bias },
+                None => Linear::Dense { weight_t: transposed(&weight)?, weight, bias },
             }),
         }
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
         Ok(match self {
-            Linear::Dense { weight, bias: None } => x.matmul(&weight.t()?)?,
-            Linear::Dense { weight, bias: Some(b) } => b.addmm(x, &weight.t()?, 1.0, 1.0)?,
+            Linear::Dense { weight_t, bias: None, .. } => x.matmul(weight_t)?,
+            Linear::Dense { weight_t, bias: Some(b), .. } => b.addmm(x, weight_t, 1.0, 1.0)?,
             Linear::Packed { weight, bias } => weight.forward(x, bias.as_ref())?,
             Linear::Quantized { weight, scales, biases, bias, q } => {
                 let y = fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?;
@@ -94,13 +109,21 @@ impl Linear {
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         match self {
-            Linear::Dense { weight, bias } => std::iter::once(weight).chain(bias.as_ref()).collect(),
+            Linear::Dense { weight, bias, .. } => std::iter::once(weight).chain(bias.as_ref()).collect(),
             Linear::Packed { weight, bias } => std::iter::once(&weight.packed).chain(bias.as_ref()).collect(),
             Linear::Quantized { weight, scales, biases, bias, .. } => {
                 [weight, scales, biases].into_iter().chain(bias.as_ref()).collect()
             }
         }
     }
+}
+
+/// `weight^T` as a view, evaluated now: it shares the weight's memory, and products that take it
+/// build no transposition of their own.
+fn transposed(weight: &Array) -> Result<Array> {
+    let t = weight.t()?;
+    t.eval()?;
+    Ok(t)
 }
 
 /// The tensors of one projection, as the checkpoint has them.
@@ -203,6 +226,12 @@ impl Stacked {
         self.split(&split_heads(&self.linear.forward(x)?, head_dim)?, -2, head_dim)
     }
 
+    /// Every part's output for one position per row (`x` is `[rows, 1, in]`) as
+    /// `[rows, heads, 1, head_dim]`, as views of one product (see [`heads_first`]).
+    pub fn forward_heads_first(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
+        self.split(&heads_first(&self.linear.forward(x)?, head_dim)?, 1, head_dim)
+    }
+
     /// The parts of `y` along `axis`, whose every index holds `unit` outputs.
     fn split(&self, y: &Array, axis: i32, unit: i32) -> Result<Vec<Array>> {
         let mut start = 0;
@@ -218,6 +247,16 @@ impl Stacked {
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         self.linear.arrays()
     }
+}
+
+/// `[rows, 1, heads * head_dim]` as `[rows, heads, 1, head_dim]`: with one position per row this
+/// is a reshape, the layout attention takes without the transposition a longer input needs.
+pub fn heads_first(y: &Array, head_dim: i32) -> Result<Array> {
+    let rows = y.dim(0);
+    if y.ndim() != 3 || y.dim(1) != 1 {
+        return Err(EngineError::invalid("heads_first: one position per row is needed"));
+    }
+    Ok(y.reshape(&[rows, -1, 1, head_dim])?)
 }
 
 /// `[..., heads * head_dim]` as `[..., heads, head_dim]`.
@@ -249,8 +288,10 @@ fn check_group(prefix: &str, in_f: i32, q: Quantization) -> Result<()> {
 /// Token embeddings, dense or quantized, usable as the output projection when tied.
 pub enum Embedding {
     /// `packed`: the weight packed for the output projection on the CPU, when tied.
+    /// `weight_t`: the transpose for the output projection, when tied and not packed.
     Dense {
         weight: Array,
+        weight_t: Option<Array>,
         packed: Option<PackedWeight>,
     },
     Quantized {
@@ -285,7 +326,8 @@ impl Embedding {
             None => {
                 let weight = w.take_shaped(&format!("{prefix}.weight"), &[vocab, dim])?;
                 let packed = if tied { PackedWeight::pack(&weight, None)? } else { None };
-                Ok(Embedding::Dense { weight, packed })
+                let weight_t = if tied && packed.is_none() { Some(transposed(&weight)?) } else { None };
+                Ok(Embedding::Dense { weight, weight_t, packed })
             }
         }
     }
@@ -307,7 +349,8 @@ impl Embedding {
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
         Ok(match self {
             Embedding::Dense { packed: Some(p), .. } => p.forward(x, None)?,
-            Embedding::Dense { weight, packed: None } => x.matmul(&weight.t()?)?,
+            Embedding::Dense { weight_t: Some(t), .. } => x.matmul(t)?,
+            Embedding::Dense { weight, .. } => x.matmul(&weight.t()?)?,
             Embedding::Quantized { weight, scales, biases, q } => {
                 fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?
             }
@@ -316,7 +359,7 @@ impl Embedding {
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         match self {
-            Embedding::Dense { weight, packed } => {
+            Embedding::Dense { weight, packed, .. } => {
                 std::iter::once(weight).chain(packed.as_ref().map(|p| &p.packed)).collect()
             }
             Embedding::Quantized { weight, scales, biases, .. } => vec![weight, scales, biases],

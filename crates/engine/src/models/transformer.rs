@@ -18,7 +18,7 @@ use crate::batch::{BatchCache, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache, Zeros};
-use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked, split_heads};
+use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked, heads_first, split_heads};
 use crate::weights::Weights;
 
 /// Which optional parts an architecture's attention has.
@@ -111,6 +111,14 @@ impl Projections {
         match self {
             Projections::Separate(v) => v.iter().map(|l| split_heads(&l.forward(x)?, head_dim)).collect(),
             Projections::Stacked(s) => s.forward_heads(x, head_dim),
+        }
+    }
+
+    /// Each output for one position per row as `[rows, heads, 1, head_dim]` (see [`heads_first`]).
+    fn forward_heads_first(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
+        match self {
+            Projections::Separate(v) => v.iter().map(|l| heads_first(&l.forward(x)?, head_dim)).collect(),
+            Projections::Stacked(s) => s.forward_heads_first(x, head_dim),
         }
     }
 
@@ -485,18 +493,26 @@ impl Attention {
         Ok(Some(self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, len, -1])?)?))
     }
 
-    /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input).
+    /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input). With one
+    /// position, queries, keys and values are reshaped straight to `[rows, heads, 1, head_dim]`
+    /// and the output straight back, where a longer input takes a transposition each way: the
+    /// same values, and four operations fewer per layer.
     fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
         let rows = x.dim(0);
-        let [q, k, v] = self.project(x)?;
-        let queries = heads(&q, self.q_norm.as_ref())?;
-        let keys = heads(&k, self.k_norm.as_ref())?;
-        let values = heads(&v, None)?;
-        let queries = self.rope.forward_at(&queries, layout.rope_offset())?;
-        let keys = self.rope.forward_at(&keys, layout.rope_offset())?;
-        let (keys, values) = cache.update(layer, &keys, &values)?;
+        let [q, k, v]: [Array; 3] = self
+            .qkv
+            .forward_heads_first(x, self.head_dim)?
+            .try_into()
+            .map_err(|_| EngineError::invalid("attention: three projections expected"))?;
+        let norm = |a: Array, norm: Option<&RmsNorm>| match norm {
+            Some(n) => n.forward(&a),
+            None => Ok(a),
+        };
+        let queries = self.rope.forward_at(&norm(q, self.q_norm.as_ref())?, layout.rope_offset())?;
+        let keys = self.rope.forward_at(&norm(k, self.k_norm.as_ref())?, layout.rope_offset())?;
+        let (keys, values) = cache.update(layer, &keys, &v)?;
         let out = layout.attention(&queries, &keys, &values, self.scale)?;
-        self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, 1, -1])?)
+        self.o_proj.forward(&out.reshape(&[rows, 1, -1])?)
     }
 
     fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize, zeros: &mut Zeros) -> Result<Array> {
