@@ -33,10 +33,35 @@ pub struct BatchCache {
     pads: Vec<i32>,
 }
 
+/// Where each row's rotary positions start: one offset for every row when they agree, else one
+/// per row (`[rows]`).
+pub(crate) struct RowOffsets {
+    per_row: Option<Array>,
+    first: i32,
+}
+
+impl RowOffsets {
+    pub(crate) fn new(offsets: &[i32]) -> Result<RowOffsets> {
+        let first = offsets.first().copied().unwrap_or(0);
+        let per_row = if offsets.iter().all(|&o| o == first) {
+            None
+        } else {
+            Some(Array::from_slice(offsets, &[offsets.len() as i32])?)
+        };
+        Ok(RowOffsets { per_row, first })
+    }
+
+    pub(crate) fn rope_offset(&self) -> RopeOffset<'_> {
+        match &self.per_row {
+            Some(a) => RopeOffset::PerRow(a),
+            None => RopeOffset::Scalar(self.first),
+        }
+    }
+}
+
 /// What one step's attention needs about the rows.
 pub struct StepLayout {
-    offsets: Option<Array>,
-    offset: i32,
+    offsets: RowOffsets,
     padding: Padding,
 }
 
@@ -52,10 +77,7 @@ enum Padding {
 
 impl StepLayout {
     pub fn rope_offset(&self) -> RopeOffset<'_> {
-        match &self.offsets {
-            Some(a) => RopeOffset::PerRow(a),
-            None => RopeOffset::Scalar(self.offset),
-        }
+        self.offsets.rope_offset()
     }
 
     /// This step's attention of `queries` (`[rows, heads, 1, head_dim]`) over the rows' keys and
@@ -96,14 +118,7 @@ impl BatchCache {
             }
         }
         let rows = self.pads.len();
-        let first = self.pads.first().copied().unwrap_or(0);
-        let same = self.pads.iter().all(|&p| p == first);
-        let offsets = if same {
-            None
-        } else {
-            let o: Vec<i32> = self.pads.iter().map(|p| self.idx - p).collect();
-            Some(Array::from_slice(&o, &[rows as i32])?)
-        };
+        let offsets = RowOffsets::new(&self.pads.iter().map(|p| self.idx - p).collect::<Vec<_>>())?;
         let padding = if self.pads.iter().all(|&p| p == 0) {
             Padding::None
         } else if kernel {
@@ -116,7 +131,7 @@ impl BatchCache {
             }
             Padding::Mask(Array::from_slice(&m, &[rows as i32, 1, 1, cols as i32])?)
         };
-        Ok(StepLayout { offsets, offset: self.idx - first, padding })
+        Ok(StepLayout { offsets, padding })
     }
 
     /// Writes one new position of every row (`[rows, kv_heads, 1, head_dim]`) into `layer` at

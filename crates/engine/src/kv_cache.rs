@@ -46,12 +46,7 @@ impl LayerCache {
     }
 
     /// Appends `keys`/`values` of shape `[1, kv_heads, L, head_dim]` and returns views of every
-    /// position so far.
-    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
-        self.append(keys, values, &mut Zeros::default())
-    }
-
-    /// [`LayerCache::update_and_fetch`], taking the zeroed buffers it grows by from `zeros`.
+    /// position so far. The zeroed buffers the cache grows by come from `zeros`.
     pub fn append(&mut self, keys: &Array, values: &Array, zeros: &mut Zeros) -> Result<(Array, Array)> {
         let prev = self.offset;
         let len = keys.dim(2);

@@ -287,11 +287,11 @@ fn check_group(prefix: &str, in_f: i32, q: Quantization) -> Result<()> {
 
 /// Token embeddings, dense or quantized, usable as the output projection when tied.
 pub enum Embedding {
-    /// `packed`: the weight packed for the output projection on the CPU, when tied.
-    /// `weight_t`: the transpose for the output projection, when tied and not packed.
+    /// `packed`: the weight packed for the output projection on the CPU, when tied;
+    /// `weight_t`: the weight's transpose (a view made once), for the output projection otherwise.
     Dense {
         weight: Array,
-        weight_t: Option<Array>,
+        weight_t: Array,
         packed: Option<PackedWeight>,
     },
     Quantized {
@@ -326,8 +326,7 @@ impl Embedding {
             None => {
                 let weight = w.take_shaped(&format!("{prefix}.weight"), &[vocab, dim])?;
                 let packed = if tied { PackedWeight::pack(&weight, None)? } else { None };
-                let weight_t = if tied && packed.is_none() { Some(transposed(&weight)?) } else { None };
-                Ok(Embedding::Dense { weight, weight_t, packed })
+                Ok(Embedding::Dense { weight_t: transposed(&weight)?, weight, packed })
             }
         }
     }
@@ -349,8 +348,7 @@ impl Embedding {
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
         Ok(match self {
             Embedding::Dense { packed: Some(p), .. } => p.forward(x, None)?,
-            Embedding::Dense { weight_t: Some(t), .. } => x.matmul(t)?,
-            Embedding::Dense { weight, .. } => x.matmul(&weight.t()?)?,
+            Embedding::Dense { weight_t, .. } => x.matmul(weight_t)?,
             Embedding::Quantized { weight, scales, biases, q } => {
                 fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?
             }

@@ -14,7 +14,7 @@
 use mlx::fast::{self, Mask, RopeOffset};
 use mlx::{Array, Dtype};
 
-use crate::batch::{BatchCache, StepLayout};
+use crate::batch::{BatchCache, RowOffsets, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache, Zeros};
@@ -408,9 +408,8 @@ impl Transformer {
 
 /// Where rows prefilled together start, and what each row's attention sees.
 struct RowsLayout {
-    /// Each row's earlier positions (its cache's), `[rows]`, when they differ between rows.
-    offsets: Option<Array>,
-    offset: i32,
+    /// Each row's earlier positions (its cache's).
+    offsets: RowOffsets,
     /// When a row has earlier positions: the columns of the gathered keys (the most positions
     /// of any row) and the mask over them, `[rows, 1, len, columns]`, true where new position
     /// `j` of row `i` sees column `c`: `c <= earlier_i + j`.
@@ -420,12 +419,7 @@ struct RowsLayout {
 impl RowsLayout {
     fn new(segments: &[Segment<'_>], len: i32) -> Result<RowsLayout> {
         let earlier: Vec<i32> = segments.iter().map(|s| s.cache.offset()).collect();
-        let first = earlier.first().copied().unwrap_or(0);
-        let offsets = if earlier.iter().all(|&p| p == first) {
-            None
-        } else {
-            Some(Array::from_slice(&earlier, &[earlier.len() as i32])?)
-        };
+        let offsets = RowOffsets::new(&earlier)?;
         let gathered = if earlier.iter().all(|&p| p == 0) {
             None
         } else {
@@ -438,14 +432,11 @@ impl RowsLayout {
             }
             Some((columns, Array::from_slice(&mask, &[earlier.len() as i32, 1, len, columns])?))
         };
-        Ok(RowsLayout { offsets, offset: first, gathered })
+        Ok(RowsLayout { offsets, gathered })
     }
 
     fn rope_offset(&self) -> RopeOffset<'_> {
-        match &self.offsets {
-            Some(a) => RopeOffset::PerRow(a),
-            None => RopeOffset::Scalar(self.offset),
-        }
+        self.offsets.rope_offset()
     }
 }
 
@@ -504,12 +495,8 @@ impl Attention {
             .forward_heads_first(x, self.head_dim)?
             .try_into()
             .map_err(|_| EngineError::invalid("attention: three projections expected"))?;
-        let norm = |a: Array, norm: Option<&RmsNorm>| match norm {
-            Some(n) => n.forward(&a),
-            None => Ok(a),
-        };
-        let queries = self.rope.forward_at(&norm(q, self.q_norm.as_ref())?, layout.rope_offset())?;
-        let keys = self.rope.forward_at(&norm(k, self.k_norm.as_ref())?, layout.rope_offset())?;
+        let queries = self.rope.forward_at(&normed(&q, self.q_norm.as_ref())?, layout.rope_offset())?;
+        let keys = self.rope.forward_at(&normed(&k, self.k_norm.as_ref())?, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &v)?;
         let out = layout.attention(&queries, &keys, &values, self.scale)?;
         self.o_proj.forward(&out.reshape(&[rows, 1, -1])?)
@@ -568,11 +555,15 @@ impl Attention {
 /// `[batch, len, heads, head_dim]` to `[batch, heads, len, head_dim]`, after the per-head norm
 /// when there is one.
 fn heads(a: &Array, norm: Option<&RmsNorm>) -> Result<Array> {
-    let a = match norm {
-        Some(norm) => norm.forward(a)?,
-        None => a.clone(),
-    };
-    Ok(a.transpose(&[0, 2, 1, 3])?)
+    Ok(normed(a, norm)?.transpose(&[0, 2, 1, 3])?)
+}
+
+/// `a` after the per-head norm when there is one.
+fn normed(a: &Array, norm: Option<&RmsNorm>) -> Result<Array> {
+    match norm {
+        Some(norm) => norm.forward(a),
+        None => Ok(a.clone()),
+    }
 }
 
 impl Mlp {
