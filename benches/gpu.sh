@@ -15,6 +15,8 @@
 # The pool through the supervisor (1 and 2 workers on the one GPU, side by side; call 2 carries
 # .gpu/x4 instead of .gpu/x2):
 #   bash benches/gpu.sh run --pool --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32
+# and on the 2-GPU kind (nvidia-h200-x2), one worker per GPU:
+#   bash benches/gpu.sh run --pool --pool-cuda-devices 0 1 --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32 128
 # A device timeline of one batch-1 decode per engine (CUPTI; call 2 carries .gpu/x3 instead of .gpu/x2):
 #   bash benches/gpu.sh run --trace /tmp/cupti/libcupti_trace.so --models qwen3-0.6b-bf16 llama3-8b-bf16
 #

@@ -301,7 +301,7 @@ class MlxLmServer:
 class PoolServer(MlxLmServer):
     """`mlx-serving serve` with `workers` worker processes on one device, over its OpenAI API."""
 
-    def __init__(self, serve, worker, model_dir, workers, max_sequences, kv_bytes, device, tmp):
+    def __init__(self, serve, worker, model_dir, workers, max_sequences, kv_bytes, device, tmp, cuda_devices=()):
         ports = []
         for _ in range(2):
             with socket.socket() as s:
@@ -310,11 +310,15 @@ class PoolServer(MlxLmServer):
         self.port = ports[0]
         self.model = "m"
         cfg = Path(tmp) / f"pool-{workers}.toml"
-        cmd = json.dumps([worker, "--max-sequences", str(max_sequences), "--kv-cache-bytes", str(kv_bytes // workers)])
+        # Workers on one GPU share its memory; spread over several (pool.cuda_visible_devices),
+        # those of one GPU share it.
+        per_gpu = -(-workers // len(cuda_devices)) if cuda_devices else workers
+        cmd = json.dumps([worker, "--max-sequences", str(max_sequences), "--kv-cache-bytes", str(kv_bytes // per_gpu)])
         cfg.write_text(f"""[pool]
 workers = {workers}
 worker_command = {cmd}
 device = "{device}"
+cuda_visible_devices = {json.dumps(list(cuda_devices))}
 max_in_flight_per_worker = {max_sequences}
 start_timeout_ms = 600000
 stall_timeout_ms = 600000
@@ -356,14 +360,16 @@ preload = true
 
 
 def pool_model(name, mdir, a, deadline):
-    """Aggregate through the supervisor with 1 and with 2 workers on the same GPU, the two
-    servers up side by side and their rounds alternated."""
+    """Aggregate through the supervisor with 1 and with 2 workers on the same GPU (or, with
+    --pool-cuda-devices, spread over those GPUs), the two servers up side by side and their
+    rounds alternated."""
     rec = R["models"].setdefault(name, {}).setdefault("pool", {})
     prompts = Prompts(mdir)
     servers = {}
     try:
         for n in a.pool_workers:
-            servers[str(n)] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work)
+            servers[str(n)] = PoolServer(a.serve, a.binary, mdir, n, max(a.levels), a.kv_cache_bytes, a.device, a.work,
+                                         a.pool_cuda_devices)
             log(f"  pool of {n} worker(s) ready")
         # The same worker called directly over its pipes, every request of a round sent at once.
         w = Worker(a.binary, a.device, max(a.levels), a.kv_cache_bytes)
@@ -878,6 +884,10 @@ def pool_table(L):
     pools = {name: m["pool"] for name, m in R.get("models", {}).items() if m.get("pool")}
     if pools:
         L.append("")
+        spread = R.get("args", {}).get("pool_cuda_devices")
+        if spread:
+            L.append(f"Each pool's workers spread over CUDA_VISIBLE_DEVICES {', '.join(spread)} (pool.cuda_visible_devices).")
+            L.append("")
         L.append("| model | streams | workers behind the supervisor (direct: one worker over its pipes) | tok/s | x one worker | TTFT p50 / p95 ms | rounds tok/s |")
         L.append("|---|---|---|---|---|---|---|")
         for name, p in pools.items():
@@ -931,6 +941,9 @@ def main():
     ap.add_argument("--serve", help="mlx-serving (the supervisor): with --pool-workers, measure the pool instead")
     ap.add_argument("--pool-workers", type=int, nargs="*", default=[1, 2],
                     help="with --pool: pool sizes on the one device, measured side by side")
+    ap.add_argument("--pool-cuda-devices", nargs="*", default=[],
+                    help="with --pool: spread each pool's workers over these GPUs (pool.cuda_visible_devices), "
+                         "e.g. 0 1 on a 2-GPU machine: one worker per GPU")
     ap.add_argument("--pool", action="store_true",
                     help="only the aggregate through the supervisor, for each pool size (needs --serve)")
     ap.add_argument("--variants", action="store_true",

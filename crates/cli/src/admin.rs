@@ -141,9 +141,10 @@ fn status_text(v: &Value) -> String {
     for w in v["workers"].as_array().into_iter().flatten() {
         let models: Vec<&str> =
             w["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+        let gpu = w["cuda_visible_devices"].as_str().map_or(String::new(), |d| format!("  CUDA_VISIBLE_DEVICES={d}"));
         let _ = writeln!(
             s,
-            "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}",
+            "{:>4} {:<12} {:>8} {:>4} {:>5} {:>9} {:>9} {:<10} {:>8}  {}{gpu}",
             w["id"].to_string(),
             w["state"].as_str().unwrap_or("?"),
             w["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
@@ -166,4 +167,28 @@ fn status_text(v: &Value) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn status_text_shows_each_workers_gpu_when_it_has_one() {
+        let worker = |id: u64, gpu: Option<&str>| {
+            let mut w = json!({"id": id, "state": "ready", "pid": 100 + id, "generation": 1, "in_flight": 0,
+                               "breaker": "closed", "restarts": 0, "models": [{"name": "m"}]});
+            if let Some(g) = gpu {
+                w["cuda_visible_devices"] = json!(g);
+            }
+            w
+        };
+        let status = json!({"ready_workers": 2, "target_workers": 2, "active_requests": 0, "moved_requests": 0,
+                            "retried_requests": 0, "uptime_s": 1.0, "shutting_down": false,
+                            "workers": [worker(0, Some("GPU-1f2e")), worker(1, None)]});
+        let text = super::status_text(&status);
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert!(rows[0].ends_with("m  CUDA_VISIBLE_DEVICES=GPU-1f2e"), "{text}");
+        assert!(rows[1].ends_with(" m"), "{text}");
+    }
 }

@@ -160,6 +160,11 @@ pub struct PoolConfig {
     pub worker_command: Vec<String>,
     /// MLX device of the workers: `auto` (the GPU where MLX has one), `gpu` or `cpu`.
     pub device: String,
+    /// On a host with several NVIDIA GPUs, the GPUs the workers are spread over: each worker
+    /// starts with `CUDA_VISIBLE_DEVICES` set to one entry (a GPU index or UUID, or several
+    /// separated by commas), the one the fewest workers have, and keeps it when it restarts.
+    /// Empty: workers inherit the variable.
+    pub cuda_visible_devices: Vec<String>,
     /// Models these workers serve; every configured model when empty.
     pub models: Vec<String>,
     /// Further groups of workers, each with its own command (another worker program, such as
@@ -222,6 +227,7 @@ impl Default for PoolConfig {
             workers: 2,
             worker_command: Vec::new(),
             device: "auto".into(),
+            cuda_visible_devices: Vec::new(),
             models: Vec::new(),
             groups: Vec::new(),
             max_line_bytes: mlx_serving_protocol::framing::DEFAULT_MAX_LINE_BYTES,
@@ -262,6 +268,10 @@ pub struct WorkerGroup {
     /// MLX device; `pool.device` when absent.
     #[serde(default)]
     pub device: Option<String>,
+    /// GPUs this group's workers are spread over (as `pool.cuda_visible_devices`); the pool's
+    /// list when absent.
+    #[serde(default)]
+    pub cuda_visible_devices: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -406,6 +416,25 @@ impl Config {
                 return bad(format!("`{key}` must be one of auto, gpu, cpu; got `{d}`"));
             }
         }
+        let gpu_lists = std::iter::once(("pool.cuda_visible_devices".to_string(), Some(&p.cuda_visible_devices)))
+            .chain(
+                p.groups
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| (format!("pool.groups[{i}].cuda_visible_devices"), g.cuda_visible_devices.as_ref())),
+            );
+        for (key, list) in gpu_lists {
+            if let Some(entry) = list
+                .into_iter()
+                .flatten()
+                .find(|d| d.is_empty() || d.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return bad(format!(
+                    "`{key}` entries must be non-empty and without spaces, got `{}`",
+                    entry.escape_debug()
+                ));
+            }
+        }
         if p.max_line_bytes < 4096 {
             return bad(format!("`pool.max_line_bytes` must be at least 4096, got {}", p.max_line_bytes));
         }
@@ -483,6 +512,15 @@ impl Config {
             },
         };
         list.is_empty() || list.iter().any(|m| m == model)
+    }
+
+    /// The `CUDA_VISIBLE_DEVICES` values the workers of `group` are spread over (`None`: the
+    /// main pool's workers); empty when they inherit the variable.
+    pub fn cuda_devices_for(&self, group: Option<&str>) -> &[String] {
+        match self.group(group).and_then(|g| g.cuda_visible_devices.as_ref()) {
+            Some(list) => list,
+            None => &self.pool.cuda_visible_devices,
+        }
     }
 
     /// The command that starts a worker of `group`: its program and arguments, then the flags
@@ -620,6 +658,7 @@ mod tests {
             worker_command: vec!["pyworker".into()],
             models: vec!["tiny".into()],
             device: Some("cpu".into()),
+            cuda_visible_devices: Some(vec!["1".into()]),
         });
         let again: Config = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
         assert_eq!(full, again);
@@ -648,6 +687,14 @@ mod tests {
         assert!(e.contains("`pool.workers` must be at least 1"), "{e}");
         let e = load_text("[pool]\ndevice = \"tpu\"\n").unwrap_err().to_string();
         assert!(e.contains("`pool.device`") && e.contains("tpu"), "{e}");
+        let e = load_text("[pool]\ncuda_visible_devices = [\"0\", \"\"]\n").unwrap_err().to_string();
+        assert!(e.contains("`pool.cuda_visible_devices`") && e.contains("non-empty"), "{e}");
+        let e = load_text(
+            "[[pool.groups]]\nname = \"g\"\nworkers = 1\nworker_command = [\"w\"]\ncuda_visible_devices = [\"0 1\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`pool.groups[0].cuda_visible_devices`") && e.contains("`0 1`"), "{e}");
         let e = load_text("[pool]\nmodels = [\"nope\"]\n").unwrap_err().to_string();
         assert!(e.contains("`pool.models` names `nope`"), "{e}");
         let e = load_text("[http.response_cache]\nenabled = true\nmax_bytes = 0\n").unwrap_err().to_string();

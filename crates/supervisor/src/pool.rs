@@ -382,12 +382,42 @@ impl Pool {
             window: ms(r.window_ms),
         });
         let id = self.next_slot.fetch_add(1, Relaxed);
-        let slot = Slot::start(id, group, desired, breaker, restart, self.ctx.clone());
+        let cuda_device = least_used(config.cuda_devices_for(group.as_deref()), &self.cuda_devices());
+        let slot = Slot::start(id, group, desired, breaker, restart, cuda_device, self.ctx.clone());
         if let Ok(mut slots) = self.slots.lock() {
             slots.push(slot.clone());
         }
         self.changed.notify_waiters();
         slot
+    }
+
+    /// The `CUDA_VISIBLE_DEVICES` entry of every slot that has one.
+    fn cuda_devices(&self) -> Vec<String> {
+        self.slots().iter().filter_map(|s| s.lock().cuda_device.clone()).collect()
+    }
+
+    /// Gives each slot whose `CUDA_VISIBLE_DEVICES` entry is no longer in its list another one
+    /// (none when its list is empty), for its next start.
+    fn replace_cuda_devices(&self, config: &Config) {
+        for slot in self.slots() {
+            let list = config.cuda_devices_for(slot.group.as_deref());
+            let current = slot.lock().cuda_device.clone();
+            let keep = match &current {
+                Some(d) => list.contains(d),
+                None => list.is_empty(),
+            };
+            if !keep {
+                let others: Vec<String> = self
+                    .slots()
+                    .iter()
+                    .filter(|s| s.id != slot.id)
+                    .filter_map(|s| s.lock().cuda_device.clone())
+                    .collect();
+                let next = least_used(list, &others);
+                tracing::info!(worker = slot.id, from = ?current, to = ?next, "CUDA_VISIBLE_DEVICES changes at the next start");
+                slot.lock().cuda_device = next;
+            }
+        }
     }
 
     fn slot(&self, id: u64) -> Result<Arc<Slot>, PoolError> {
@@ -1152,6 +1182,7 @@ impl Pool {
         if let Ok(mut c) = self.config.write() {
             *c = Arc::new(config);
         }
+        self.replace_cuda_devices(&self.config());
         self.scale_group(None, workers).await;
         for (name, n) in &groups {
             self.scale_group(Some(name), *n).await;
@@ -1204,4 +1235,35 @@ fn model_bytes(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The entry of `list` that the fewest of `taken` hold, the first of them on a tie; `None` when
+/// `list` is empty.
+fn least_used(list: &[String], taken: &[String]) -> Option<String> {
+    list.iter().min_by_key(|d| taken.iter().filter(|t| t == d).count()).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::least_used;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn workers_spread_over_the_gpus_least_used_first() {
+        let gpus = strings(&["0", "1"]);
+        let mut taken = Vec::new();
+        for _ in 0..5 {
+            taken.push(least_used(&gpus, &taken).unwrap());
+        }
+        assert_eq!(taken, strings(&["0", "1", "0", "1", "0"]));
+        // After the workers on GPU 0 but one stop, new ones fill GPU 0 first.
+        let taken = strings(&["0", "1", "1"]);
+        assert_eq!(least_used(&gpus, &taken).as_deref(), Some("0"));
+        // Entries outside the list (a reload dropped them) count for nothing.
+        assert_eq!(least_used(&strings(&["2", "3"]), &strings(&["0", "2"])).as_deref(), Some("3"));
+        assert_eq!(least_used(&[], &taken), None);
+    }
 }

@@ -33,6 +33,10 @@ pub struct WorkerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     pub state: WorkerState,
+    /// The `CUDA_VISIBLE_DEVICES` its worker starts with (`pool.cuda_visible_devices`); absent
+    /// when inherited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_visible_devices: Option<String>,
     pub pid: Option<u32>,
     /// Processes started in this slot so far.
     pub generation: u64,
@@ -76,6 +80,7 @@ impl WorkerStatus {
             id: slot.id,
             group: slot.group.clone(),
             state: s.state,
+            cuda_visible_devices: s.cuda_device.clone(),
             pid: s.pid,
             generation: s.generation,
             uptime_s: s.ready_at.filter(|_| s.conn.is_some()).map(|t| now.duration_since(t).as_secs_f64()),

@@ -1,5 +1,5 @@
 //! Operations on a live pool with real workers: rolling restart under load, drain, prefetch,
-//! unload, idle unload, scaling.
+//! unload, idle unload, scaling, the spread of workers over GPUs.
 mod common;
 
 use std::sync::Arc;
@@ -231,6 +231,95 @@ async fn waiting_requests_are_served_by_priority_then_arrival() {
                 "background-2"
             ]
         );
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The `CUDA_VISIBLE_DEVICES` a worker process runs with, read from the process itself where
+/// the system shows it (Linux); otherwise the supervisor's record of it.
+fn visible_devices_of(pid: Option<u32>, recorded: Option<&str>) -> Option<String> {
+    #[cfg(target_os = "linux")]
+    {
+        let environ = std::fs::read(format!("/proc/{}/environ", pid.expect("a running worker"))).unwrap();
+        let _ = recorded;
+        environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(b"CUDA_VISIBLE_DEVICES="))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        recorded.map(str::to_string)
+    }
+}
+
+/// Each worker's id and `CUDA_VISIBLE_DEVICES` entry, as status shows them and as the running
+/// process has it.
+fn placement(pool: &mlx_serving_supervisor::Pool) -> Vec<(u64, Option<String>)> {
+    pool.status()
+        .workers
+        .iter()
+        .map(|w| {
+            let seen = visible_devices_of(w.pid, w.cuda_visible_devices.as_deref());
+            assert_eq!(seen, w.cuda_visible_devices, "worker {} runs with another value than status shows", w.id);
+            (w.id, seen)
+        })
+        .collect()
+}
+
+fn gpus(v: &[(u64, &str)]) -> Vec<(u64, Option<String>)> {
+    v.iter().map(|(id, d)| (*id, Some(d.to_string()))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_spread_over_the_listed_gpus_and_keep_theirs_across_restarts() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = config(2);
+        c.pool.cuda_visible_devices = vec!["0".into(), "1".into()];
+        let pool = started(c.clone()).await;
+        assert_eq!(placement(&pool), gpus(&[(0, "0"), (1, "1")]));
+
+        // A worker killed with SIGKILL comes back on its own GPU.
+        let victim = pool.status().workers[1].pid.unwrap();
+        kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        assert!(
+            eventually(Duration::from_secs(30), || pool.status().workers[1].generation == 2).await,
+            "the worker was not replaced"
+        );
+        assert!(pool.wait_ready(2, Duration::from_secs(60)).await);
+        assert_eq!(placement(&pool), gpus(&[(0, "0"), (1, "1")]));
+
+        // Scaling in removes the newest; scaling out fills the least used GPU first.
+        assert_eq!(pool.scale(1).await.unwrap(), 1);
+        assert_eq!(pool.scale(3).await.unwrap(), 3);
+        assert!(pool.wait_ready(3, Duration::from_secs(60)).await);
+        assert_eq!(placement(&pool), gpus(&[(0, "0"), (2, "1"), (3, "0")]));
+
+        // A reload that drops GPU 0 moves its workers at their next start: a restart.
+        c.pool.workers = 3;
+        c.pool.cuda_visible_devices = vec!["1".into(), "2".into()];
+        assert_eq!(pool.reload(c).await.unwrap(), 3);
+        let recorded: Vec<_> = pool.status().workers.iter().map(|w| (w.id, w.cuda_visible_devices.clone())).collect();
+        assert_eq!(recorded, gpus(&[(0, "2"), (2, "1"), (3, "1")]));
+        for id in [0, 3] {
+            pool.restart(id).unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                let s = pool.status();
+                s.ready_workers == 3 && s.workers.iter().filter(|w| w.generation == 2).count() == 2
+            })
+            .await,
+            "the restarted workers did not come back: {:?}",
+            pool.status().workers
+        );
+        assert_eq!(placement(&pool), gpus(&[(0, "2"), (2, "1"), (3, "1")]));
+        assert!(collect(&pool, request("placed", "on the listed GPUs", 4)).await.last.is_ok());
         pool.shutdown(Duration::from_secs(5)).await;
     })
     .await

@@ -44,10 +44,12 @@ pub struct Process {
     pub stderr_done: tokio::task::JoinHandle<()>,
 }
 
-/// Starts `command` (program and arguments) in its own process group and connects a client to
-/// its pipes, which refuses lines longer than `max_line_bytes`.
+/// Starts `command` (program and arguments), with `env` added to the supervisor's environment,
+/// in its own process group and connects a client to its pipes, which refuses lines longer than
+/// `max_line_bytes`.
 pub fn spawn(
     command: &[String],
+    env: &[(&str, &str)],
     worker: u64,
     request_timeout: Duration,
     max_line_bytes: usize,
@@ -57,6 +59,7 @@ pub fn spawn(
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the worker command is empty"))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

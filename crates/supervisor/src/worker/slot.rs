@@ -108,6 +108,9 @@ pub struct SlotInner {
     pub next_start: Option<Instant>,
     /// Requests the current worker runs at once (its `max_sequences`).
     pub capacity: usize,
+    /// The `CUDA_VISIBLE_DEVICES` its workers start with (`pool.cuda_visible_devices`); `None`:
+    /// inherited.
+    pub cuda_device: Option<String>,
     /// Prefix keys of the requests the current worker was sent lately, for affinity routing.
     pub prefixes: PrefixMemory,
 }
@@ -147,6 +150,7 @@ impl Slot {
         desired: BTreeSet<String>,
         breaker: Breaker,
         restart: RestartTracker,
+        cuda_device: Option<String>,
         ctx: Arc<SlotContext>,
     ) -> Arc<Slot> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -173,6 +177,7 @@ impl Slot {
                 next_start: None,
                 capacity: 1,
                 prefixes: PrefixMemory::default(),
+                cuda_device,
             }),
             commands: tx,
         });
@@ -235,16 +240,17 @@ async fn run(
         let config = ctx.config();
         let p = &config.pool;
         restart.on_spawn(Instant::now());
-        let generation = {
+        let (generation, cuda_device) = {
             let mut s = slot.lock();
             s.generation += 1;
             s.state = WorkerState::Starting;
             s.next_start = None;
-            s.generation
+            (s.generation, s.cuda_device.clone())
         };
         ctx.changed.notify_waiters();
         let command = config.worker_command_for(slot.group.as_deref());
-        let ended = match process::spawn(&command, slot.id, ms(p.start_timeout_ms), p.max_line_bytes) {
+        let env: Vec<(&str, &str)> = cuda_device.iter().map(|d| ("CUDA_VISIBLE_DEVICES", d.as_str())).collect();
+        let ended = match process::spawn(&command, &env, slot.id, ms(p.start_timeout_ms), p.max_line_bytes) {
             Ok(mut proc) => {
                 {
                     let mut s = slot.lock();
