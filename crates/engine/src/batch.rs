@@ -350,9 +350,7 @@ impl Model {
             return Err(EngineError::invalid("decode_batch: one sequence per row is needed"));
         }
         let inputs = batch.inputs.clone().ok_or_else(|| EngineError::invalid("decode_batch: no inputs"))?;
-        let rows = seqs.len() as i32;
-        let ids = inputs.reshape(&[rows, 1])?;
-        let logits = self.transformer.forward_batch(&ids, &mut batch.cache)?;
+        let logits = self.transformer.forward_batch(&inputs, &mut batch.cache)?;
         let logprobs = logits.subtract(&logits.logsumexp(-1, true)?)?;
         let mut logprobs = logprobs;
         let mut tokens = logprobs.argmax(-1, false)?.astype(Dtype::Uint32)?;

@@ -226,7 +226,7 @@ impl Stacked {
         self.split(&split_heads(&self.linear.forward(x)?, head_dim)?, -2, head_dim)
     }
 
-    /// Every part's output for one position per row (`x` is `[rows, 1, in]`) as
+    /// Every part's output for one position per row (`x` is `[rows, in]`) as
     /// `[rows, heads, 1, head_dim]`, as views of one product (see [`heads_first`]).
     pub fn forward_heads_first(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
         self.split(&heads_first(&self.linear.forward(x)?, head_dim)?, 1, head_dim)
@@ -249,14 +249,13 @@ impl Stacked {
     }
 }
 
-/// `[rows, 1, heads * head_dim]` as `[rows, heads, 1, head_dim]`: with one position per row this
-/// is a reshape, the layout attention takes without the transposition a longer input needs.
+/// `[rows, heads * head_dim]`, one position per row, as `[rows, heads, 1, head_dim]`: a
+/// reshape, the layout attention takes without the transposition a longer input needs.
 pub fn heads_first(y: &Array, head_dim: i32) -> Result<Array> {
-    let rows = y.dim(0);
-    if y.ndim() != 3 || y.dim(1) != 1 {
-        return Err(EngineError::invalid("heads_first: one position per row is needed"));
+    if y.ndim() != 2 {
+        return Err(EngineError::invalid("heads_first: one position per row, [rows, features], is needed"));
     }
-    Ok(y.reshape(&[rows, -1, 1, head_dim])?)
+    Ok(y.reshape(&[y.dim(0), -1, 1, head_dim])?)
 }
 
 /// `[..., heads * head_dim]` as `[..., heads, head_dim]`.

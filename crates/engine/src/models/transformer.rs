@@ -352,9 +352,17 @@ impl Transformer {
 }
 
 impl Transformer {
-    /// One decode step of a batch: `ids` is `[rows, 1]`, one input token per row; each row
-    /// appends one position to its row of `cache`. Returns the next-token logits, `[rows, vocab]`.
+    /// One decode step of a batch: `ids` is `[rows]`, one input token per row; each row appends
+    /// one position to its row of `cache`. Returns the next-token logits, `[rows, vocab]`.
+    ///
+    /// The hidden states are `[rows, hidden]`, without the length axis of one position: every
+    /// product takes its rows as one matrix, as a longer input's products do after folding its
+    /// batch and length axes (a quantized product folds them itself, two reshapes per product
+    /// and step), and the logits need no squeeze.
     pub fn forward_batch(&self, ids: &Array, cache: &mut BatchCache) -> Result<Array> {
+        if ids.ndim() != 1 {
+            return Err(EngineError::invalid("forward_batch: one input token per row, [rows], is needed"));
+        }
         let layout = cache.begin_step(self.padded_kernel)?;
         let mut h = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -366,11 +374,10 @@ impl Transformer {
         }
         cache.end_step();
         let h = self.norm.forward(&h)?;
-        let out = match &self.lm_head {
-            Some(head) => head.forward(&h)?,
-            None => self.embed_tokens.as_linear(&h)?,
-        };
-        Ok(out.squeeze(1)?)
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
     }
 }
 
@@ -484,10 +491,10 @@ impl Attention {
         Ok(Some(self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, len, -1])?)?))
     }
 
-    /// Attention of one new position per row (`[rows, 1, heads * head_dim]` input). With one
-    /// position, queries, keys and values are reshaped straight to `[rows, heads, 1, head_dim]`
-    /// and the output straight back, where a longer input takes a transposition each way: the
-    /// same values, and four operations fewer per layer.
+    /// Attention of one new position per row (`[rows, hidden]` input). With one position,
+    /// queries, keys and values are reshaped straight to `[rows, heads, 1, head_dim]` and the
+    /// output straight back, where a longer input takes a transposition each way: the same
+    /// values, and four operations fewer per layer.
     fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
         let rows = x.dim(0);
         let [q, k, v]: [Array; 3] = self
@@ -499,7 +506,7 @@ impl Attention {
         let keys = self.rope.forward_at(&normed(&k, self.k_norm.as_ref())?, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &v)?;
         let out = layout.attention(&queries, &keys, &values, self.scale)?;
-        self.o_proj.forward(&out.reshape(&[rows, 1, -1])?)
+        self.o_proj.forward(&out.reshape(&[rows, -1])?)
     }
 
     fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize, zeros: &mut Zeros) -> Result<Array> {
