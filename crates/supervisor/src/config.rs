@@ -162,8 +162,8 @@ pub struct PoolConfig {
     pub device: String,
     /// On a host with several NVIDIA GPUs, the GPUs the workers are spread over: each worker
     /// starts with `CUDA_VISIBLE_DEVICES` set to one entry (a GPU index or UUID, or several
-    /// separated by commas), the one the fewest workers have, and keeps it when it restarts.
-    /// Empty: workers inherit the variable.
+    /// separated by commas; each entry once), the one the fewest workers have, and keeps it when
+    /// it restarts. Empty: workers inherit the variable.
     pub cuda_visible_devices: Vec<String>,
     /// Models these workers serve; every configured model when empty.
     pub models: Vec<String>,
@@ -424,14 +424,18 @@ impl Config {
                     .map(|(i, g)| (format!("pool.groups[{i}].cuda_visible_devices"), g.cuda_visible_devices.as_ref())),
             );
         for (key, list) in gpu_lists {
-            if let Some(entry) = list
-                .into_iter()
-                .flatten()
-                .find(|d| d.is_empty() || d.chars().any(|c| c.is_whitespace() || c.is_control()))
+            let list = list.map_or(&[][..], Vec::as_slice);
+            if let Some(entry) =
+                list.iter().find(|d| d.is_empty() || d.chars().any(|c| c.is_whitespace() || c.is_control()))
             {
                 return bad(format!(
                     "`{key}` entries must be non-empty and without spaces, got `{}`",
                     entry.escape_debug()
+                ));
+            }
+            if let Some((i, twice)) = list.iter().enumerate().find(|(i, d)| list[..*i].contains(d)) {
+                return bad(format!(
+                    "`{key}` lists `{twice}` twice (entry {i}); each GPU once: workers are spread evenly"
                 ));
             }
         }
@@ -695,6 +699,8 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("`pool.groups[0].cuda_visible_devices`") && e.contains("`0 1`"), "{e}");
+        let e = load_text("[pool]\ncuda_visible_devices = [\"0\", \"1\", \"0\"]\n").unwrap_err().to_string();
+        assert!(e.contains("`pool.cuda_visible_devices` lists `0` twice"), "{e}");
         let e = load_text("[pool]\nmodels = [\"nope\"]\n").unwrap_err().to_string();
         assert!(e.contains("`pool.models` names `nope`"), "{e}");
         let e = load_text("[http.response_cache]\nenabled = true\nmax_bytes = 0\n").unwrap_err().to_string();
