@@ -19,8 +19,11 @@ pub struct EngineConfig {
     pub max_queue: usize,
     pub kv_cache_bytes: u64,
     pub prefill_chunk: usize,
-    /// Prompt tokens per prefill chunk while no stream decodes.
+    /// Prompt tokens per prefill chunk at most, while no stream decodes and while they do.
     pub prefill_chunk_idle: usize,
+    /// How long a prefill chunk may hold up the decoding streams, in seconds: a chunk grows past
+    /// `prefill_chunk` to what the model's last chunk says it prefills in this time.
+    pub prefill_stall_s: f64,
     pub max_line_bytes: usize,
     /// Context of every model when below its own; 0: each model's own.
     pub max_context_tokens: usize,

@@ -63,6 +63,13 @@ struct Args {
     /// second, measured on its last chunk; below --prefill-chunk this changes nothing.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk_idle: u64,
+    /// Milliseconds a prefill chunk may hold up the streams that decode (each waits for it
+    /// before its next token): a chunk grows past --prefill-chunk to as many tokens as the model
+    /// prefills in this time, measured on its last chunk, and at most --prefill-chunk-idle. Where
+    /// a chunk is fast (a small model on a GPU) a burst of prompts starts in fewer steps; 0: every
+    /// chunk while streams decode takes --prefill-chunk.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    prefill_stall_ms: u64,
     /// Longest accepted input line in bytes; longer lines get an error response.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
     max_line_bytes: usize,
@@ -165,6 +172,7 @@ fn run(args: Args) -> Result<()> {
         kv_cache_bytes: args.kv_cache_bytes,
         prefill_chunk: args.prefill_chunk as usize,
         prefill_chunk_idle: args.prefill_chunk_idle as usize,
+        prefill_stall_s: args.prefill_stall_ms as f64 / 1e3,
         max_line_bytes: args.max_line_bytes,
         max_context_tokens: args.max_context_tokens,
         prefix_cache_bytes: args.prefix_cache_bytes,

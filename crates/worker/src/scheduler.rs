@@ -584,12 +584,13 @@ impl Scheduler {
         }
     }
 
-    /// One chunk of prompt tokens (`prefill_chunk` at most), from the oldest prompts still
-    /// prefilling of one model, in one forward pass: a long prompt delays the running streams by
-    /// one chunk per step rather than by its whole length, and many short prompts start together.
-    /// While no stream decodes, no one waits on the chunk: it takes up to `prefill_chunk_idle`
-    /// tokens, as many as the model's last chunk says it prefills in [`IDLE_CHUNK_SECONDS`] (and
-    /// never fewer than `prefill_chunk`). Returns whether it ran one.
+    /// One chunk of prompt tokens, from the oldest prompts still prefilling of one model, in
+    /// one forward pass: a long prompt delays the running streams by one chunk per step rather
+    /// than by its whole length, and many short prompts start together. A chunk takes as many
+    /// tokens as the model's last chunk says it prefills in `prefill_stall_s` while streams
+    /// decode (they wait for it), or in [`IDLE_CHUNK_SECONDS`] while none does; never fewer
+    /// than `prefill_chunk` (the first chunk of a model takes that many) and never more than
+    /// `prefill_chunk_idle`. Returns whether it ran one.
     fn prefill_one_chunk(&mut self) -> bool {
         let decoding = self.models.values().any(|m| !m.batch.is_empty());
         let Some(model) =
@@ -601,9 +602,10 @@ impl Scheduler {
             return false;
         };
         let (chunk, idle) = (self.config.prefill_chunk, self.config.prefill_chunk_idle);
+        let seconds = if decoding { self.config.prefill_stall_s } else { IDLE_CHUNK_SECONDS };
         let budget = match loaded.prefill_rate {
-            Some(rate) if !decoding => ((rate * IDLE_CHUNK_SECONDS) as usize).min(idle).max(chunk),
-            _ => chunk,
+            Some(rate) => ((rate * seconds) as usize).min(idle).max(chunk),
+            None => chunk,
         };
         let mut group: Vec<&mut Request> = Vec::new();
         let mut tokens = 0;

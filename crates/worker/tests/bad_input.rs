@@ -201,8 +201,13 @@ async fn a_full_queue_refuses_with_overloaded_and_a_duplicate_id_is_refused() {
 /// flag (clap's exit status 2), before it loads anything.
 #[test]
 fn flags_out_of_range_are_refused_by_name() {
-    for arg in ["--prefill-row-padding=-1", "--prefill-row-padding=nan", "--prefill-chunk-idle=0", "--prefill-chunk=0"]
-    {
+    for arg in [
+        "--prefill-row-padding=-1",
+        "--prefill-row-padding=nan",
+        "--prefill-chunk-idle=0",
+        "--prefill-chunk=0",
+        "--prefill-stall-ms=1001",
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlx-serving-worker")).arg(arg).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         let flag = arg.split('=').next().unwrap();

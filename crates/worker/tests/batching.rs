@@ -248,6 +248,40 @@ async fn the_prefix_cache_stays_within_its_budget() {
     .expect("test timed out");
 }
 
+/// While a stream decodes, a prefill chunk takes as many tokens as the model prefills in
+/// `--prefill-stall-ms` (up to `--prefill-chunk-idle`); with 0 each chunk takes `--prefill-chunk`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_prefills_as_much_as_its_stall_allows() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let prompt: Vec<u32> = (0..400u32).map(|i| 3 + (i * 7) % 900).collect();
+        let mut runs = Vec::new();
+        for stall in ["1000", "0"] {
+            let w = with_model(&["--prefill-chunk", "8", "--prefill-chunk-idle", "4096", "--prefill-stall-ms", stall])
+                .await;
+            // A stream that decodes throughout; once it has a token, the model's speed is known.
+            let mut long = w.client.generate(request("long", Prompt::TokenIds(vec![5; 8]), 600)).await.unwrap();
+            assert!(matches!(long.next().await.unwrap().unwrap(), GenerateEvent::Token(_)));
+            let before = w.client.stats().await.unwrap();
+            let s = collect(w.client.generate(request("p", Prompt::TokenIds(prompt.clone()), 1)).await.unwrap()).await;
+            let after = w.client.stats().await.unwrap();
+            assert_eq!(s.last.finish_reason, FinishReason::Length);
+            assert_eq!(after.progress.prefilled_tokens - before.progress.prefilled_tokens, 399);
+            assert_eq!(after.active_sequences, 1, "the long stream ended before the prompt: nothing was measured");
+            runs.push((after.progress.steps - before.progress.steps, s.tokens));
+            assert_eq!(collect(long).await.last.finish_reason, FinishReason::Length);
+        }
+        // 399 prompt tokens: with a stall of a second, one chunk (this CPU prefills thousands of
+        // tokens a second on the fixture); with none, 50 chunks of 8, one per engine step. The
+        // steps in between also count the stats calls' round trips, a few at most.
+        let (large, none) = (runs[0].0, runs[1].0);
+        eprintln!("engine steps during the prompt: {large} (stall 1000 ms), {none} (stall 0)");
+        assert!(none >= 50 && large < 20, "engine steps during the prompt (stall 1000 ms, then 0): {large}, {none}");
+        assert_eq!(runs[0].1, runs[1].1, "the chunks change no token");
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// While no stream decodes, no one waits on a prefill chunk: it takes up to
 /// `--prefill-chunk-idle` tokens instead of `--prefill-chunk`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

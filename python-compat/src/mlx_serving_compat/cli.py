@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk-idle", type=positive, default=2048,
                    help="accepted for the Rust worker's flag set; mlx-lm's generator prefills --prefill-chunk "
                         "tokens per step whether or not streams decode, so this changes nothing here")
+    p.add_argument("--prefill-stall-ms", type=non_negative, default=50,
+                   help="accepted for the Rust worker's flag set (whose chunks grow to what the model prefills "
+                        "in this time while streams decode); here every step takes --prefill-chunk")
     p.add_argument("--max-line-bytes", type=non_negative, default=DEFAULT_MAX_LINE_BYTES,
                    help="longest accepted input line in bytes; longer lines get an error response")
     p.add_argument("--max-context-tokens", type=non_negative, default=0,
