@@ -219,11 +219,12 @@ impl Stacked {
         self.split(&self.linear.forward(x)?, -1, 1)
     }
 
-    /// Every part's output as `[..., heads, head_dim]`, as views of one product. The product is
-    /// split into heads before the parts are taken, so that each part is a view with unit
-    /// stride along its heads (a later reshape of a part would copy it).
-    pub fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
-        self.split(&split_heads(&self.linear.forward(x)?, head_dim)?, -2, head_dim)
+    /// Every part's output for `x` (`[tokens, in]`) as `[lead..., heads, head_dim]` (`lead`
+    /// multiplies to `tokens`), as views of one product. The product is split into heads before
+    /// the parts are taken, so that each part is a view with unit stride along its heads (a
+    /// later reshape of a part would copy it).
+    pub fn forward_heads(&self, x: &Array, lead: &[i32], head_dim: i32) -> Result<Vec<Array>> {
+        self.split(&split_heads(&self.linear.forward(x)?, lead, head_dim)?, -2, head_dim)
     }
 
     /// Every part's output for one position per row (`x` is `[rows, in]`) as
@@ -258,11 +259,14 @@ pub fn heads_first(y: &Array, head_dim: i32) -> Result<Array> {
     Ok(y.reshape(&[y.dim(0), -1, 1, head_dim])?)
 }
 
-/// `[..., heads * head_dim]` as `[..., heads, head_dim]`.
-pub fn split_heads(y: &Array, head_dim: i32) -> Result<Array> {
-    let mut shape = y.shape();
-    let last = shape.pop().unwrap_or(0);
-    shape.extend([last / head_dim, head_dim]);
+/// `[tokens, heads * head_dim]` as `[lead..., heads, head_dim]`, where `lead` multiplies to
+/// `tokens` (`[1, tokens]` for one sequence's positions, `[rows, len]` for rows of a batch).
+pub fn split_heads(y: &Array, lead: &[i32], head_dim: i32) -> Result<Array> {
+    if y.ndim() != 2 || lead.iter().product::<i32>() != y.dim(0) {
+        return Err(EngineError::invalid("split_heads: [tokens, features] and a leading shape of that many tokens"));
+    }
+    let mut shape = lead.to_vec();
+    shape.extend([y.dim(1) / head_dim, head_dim]);
     Ok(y.reshape(&shape)?)
 }
 

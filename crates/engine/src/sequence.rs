@@ -143,10 +143,10 @@ impl Sequence {
     /// The input token of the next decode step: the last prompt token first, then each sample.
     fn next_input(&mut self) -> Result<Array> {
         match self.pending.clone() {
-            Some(t) => Ok(t.reshape(&[1, 1])?),
+            Some(t) => Ok(t.reshape(&[1])?),
             None => {
                 let last = self.prompt[self.prompt.len() - 1];
-                Ok(Array::from_slice(&[last], &[1, 1])?)
+                Ok(Array::from_slice(&[last], &[1])?)
             }
         }
     }
@@ -217,12 +217,12 @@ impl Model {
                 }
             }
             if !packed.is_empty() {
-                let ids = Array::from_slice(&packed_ids, &[1, packed_ids.len() as i32])?;
+                let ids = Array::from_slice(&packed_ids, &[packed_ids.len() as i32])?;
                 self.transformer.forward(&ids, &mut packed, false)?;
             }
             if !in_rows.is_empty() {
-                let ids = Array::from_slice(&row_ids, &[in_rows.len() as i32, width as i32])?;
-                self.transformer.forward_rows(&ids, &mut in_rows)?;
+                let ids = Array::from_slice(&row_ids, &[row_ids.len() as i32])?;
+                self.transformer.forward_rows(&ids, width as i32, &mut in_rows)?;
             }
         }
         let arrays: Vec<&Array> = seqs
@@ -251,7 +251,7 @@ impl Model {
             one.clone()
         } else {
             let refs: Vec<&Array> = inputs.iter().collect();
-            mlx::concatenate(&refs, 1)?
+            mlx::concatenate(&refs, 0)?
         };
         let logits = {
             let mut segments: Vec<Segment<'_>> =

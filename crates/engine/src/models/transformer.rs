@@ -106,11 +106,11 @@ impl Projections {
         }
     }
 
-    /// Each output as `[..., heads, head_dim]`.
-    fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Vec<Array>> {
+    /// Each output for `x` (`[tokens, in]`) as `[lead..., heads, head_dim]`.
+    fn forward_heads(&self, x: &Array, lead: &[i32], head_dim: i32) -> Result<Vec<Array>> {
         match self {
-            Projections::Separate(v) => v.iter().map(|l| split_heads(&l.forward(x)?, head_dim)).collect(),
-            Projections::Stacked(s) => s.forward_heads(x, head_dim),
+            Projections::Separate(v) => v.iter().map(|l| split_heads(&l.forward(x)?, lead, head_dim)).collect(),
+            Projections::Stacked(s) => s.forward_heads(x, lead, head_dim),
         }
     }
 
@@ -310,12 +310,17 @@ impl Transformer {
         self.norm.weight.dtype()
     }
 
-    /// Runs `ids` (`[1, tokens]`: all segments' tokens, concatenated) through the model, appending
+    /// Runs `ids` (`[tokens]`: all segments' tokens, concatenated) through the model, appending
     /// to each segment's cache. With `logits` it returns the next-token logits after the last token
     /// of every segment, shape `[segments, vocab]`; without, it only fills the caches (prefill).
+    ///
+    /// The hidden states are `[tokens, hidden]`: each product takes them as one matrix, which a
+    /// `[1, tokens, hidden]` input would be folded into and the result unfolded from (two
+    /// operations per product). Attention takes each segment's positions as `[1, heads, len,
+    /// head_dim]`.
     pub fn forward(&self, ids: &Array, segments: &mut [Segment<'_>], logits: bool) -> Result<Option<Array>> {
         let total: i32 = segments.iter().map(|s| s.len).sum();
-        if segments.is_empty() || ids.shape() != [1, total] || segments.iter().any(|s| s.len <= 0) {
+        if segments.is_empty() || ids.shape() != [total] || segments.iter().any(|s| s.len <= 0) {
             return Err(EngineError::invalid("forward: segments must be non-empty and cover the tokens exactly"));
         }
         let mut zeros = Zeros::default();
@@ -341,13 +346,13 @@ impl Transformer {
                 end += s.len;
                 rows.push(end - 1);
             }
-            h.take(&Array::from_slice(&rows, &[rows.len() as i32])?, 1)?
+            h.take(&Array::from_slice(&rows, &[rows.len() as i32])?, 0)?
         };
         let out = match &self.lm_head {
             Some(head) => head.forward(&last)?,
             None => self.embed_tokens.as_linear(&last)?,
         };
-        Ok(Some(out.squeeze(0)?))
+        Ok(Some(out))
     }
 }
 
@@ -383,19 +388,21 @@ impl Transformer {
 
 impl Transformer {
     /// Prefills the next tokens of several sequences as rows of one batch. `ids` is
-    /// `[rows, len]`: row `i`'s first `segments[i].len` tokens are its sequence's next ones,
-    /// appended to its cache; the rest of the row is padding after them, computed and dropped.
+    /// `[rows * len]`, `len` tokens per row, one row per segment: row `i`'s first
+    /// `segments[i].len` tokens are its sequence's next ones, appended to its cache; the rest of
+    /// the row is padding after them, computed and dropped.
     /// Each layer runs one attention for all rows. When no row has earlier positions, the rows'
     /// new keys are all there is and a causal mask covers both their order and their padding.
     /// Otherwise each row's cache is gathered into one `[rows, kv_heads, columns, head_dim]`
     /// array and a mask lets each row's position `p` see its columns up to `p`. Fills the
-    /// caches only (no logits).
-    pub fn forward_rows(&self, ids: &Array, segments: &mut [Segment<'_>]) -> Result<()> {
-        let (rows, len) = (ids.dim(0), ids.dim(ids.ndim() as i32 - 1));
-        if ids.ndim() != 2 || segments.len() != rows as usize || segments.iter().any(|s| s.len <= 0 || s.len > len) {
+    /// caches only (no logits). The hidden states are `[rows * len, hidden]`, as in
+    /// [`Transformer::forward`].
+    pub fn forward_rows(&self, ids: &Array, len: i32, segments: &mut [Segment<'_>]) -> Result<()> {
+        let rows = segments.len() as i32;
+        if ids.shape() != [rows * len] || rows == 0 || segments.iter().any(|s| s.len <= 0 || s.len > len) {
             return Err(EngineError::invalid("forward_rows: one segment per row, each within its row"));
         }
-        let layout = RowsLayout::new(segments, len)?;
+        let layout = RowsLayout::new(segments, rows, len)?;
         let mut zeros = Zeros::default();
         let mut h = self.embed_tokens.forward(ids)?;
         let last = self.layers.len().saturating_sub(1);
@@ -415,6 +422,9 @@ impl Transformer {
 
 /// Where rows prefilled together start, and what each row's attention sees.
 struct RowsLayout {
+    /// Rows, and positions per row.
+    rows: i32,
+    len: i32,
     /// Each row's earlier positions (its cache's).
     offsets: RowOffsets,
     /// When a row has earlier positions: the columns of the gathered keys (the most positions
@@ -424,7 +434,7 @@ struct RowsLayout {
 }
 
 impl RowsLayout {
-    fn new(segments: &[Segment<'_>], len: i32) -> Result<RowsLayout> {
+    fn new(segments: &[Segment<'_>], rows: i32, len: i32) -> Result<RowsLayout> {
         let earlier: Vec<i32> = segments.iter().map(|s| s.cache.offset()).collect();
         let offsets = RowOffsets::new(&earlier)?;
         let gathered = if earlier.iter().all(|&p| p == 0) {
@@ -439,7 +449,7 @@ impl RowsLayout {
             }
             Some((columns, Array::from_slice(&mask, &[earlier.len() as i32, 1, len, columns])?))
         };
-        Ok(RowsLayout { offsets, gathered })
+        Ok(RowsLayout { rows, len, offsets, gathered })
     }
 
     fn rope_offset(&self) -> RopeOffset<'_> {
@@ -448,7 +458,7 @@ impl RowsLayout {
 }
 
 impl Attention {
-    /// Attention of rows prefilled together (`[rows, len, hidden]` input; see
+    /// Attention of rows prefilled together (`[rows * len, hidden]` input; see
     /// [`Transformer::forward_rows`]). Without `output`, returns `None` once the caches hold the
     /// keys and values.
     fn forward_rows(
@@ -460,8 +470,8 @@ impl Attention {
         zeros: &mut Zeros,
         output: bool,
     ) -> Result<Option<Array>> {
-        let (rows, len) = (x.dim(0), x.dim(1));
-        let [q, k, v] = self.project(x)?;
+        let (rows, len) = (layout.rows, layout.len);
+        let [q, k, v] = self.project(x, &[rows, len])?;
         let keys = self.rope.forward_at(&heads(&k, self.k_norm.as_ref())?, layout.rope_offset())?;
         let values = heads(&v, None)?;
         let (kv_heads, k_dim, v_dim) = (keys.dim(1), keys.dim(3), values.dim(3));
@@ -488,7 +498,7 @@ impl Attention {
                 fast::scaled_dot_product_attention(&queries, &all_keys, &all_values, self.scale, Mask::Array(mask))?
             }
         };
-        Ok(Some(self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows, len, -1])?)?))
+        Ok(Some(self.o_proj.forward(&out.transpose(&[0, 2, 1, 3])?.reshape(&[rows * len, -1])?)?))
     }
 
     /// Attention of one new position per row (`[rows, hidden]` input). With one position,
@@ -509,8 +519,9 @@ impl Attention {
         self.o_proj.forward(&out.reshape(&[rows, -1])?)
     }
 
+    /// Attention of segments' positions (`[tokens, hidden]` input; see [`Transformer::forward`]).
     fn forward(&self, x: &Array, segments: &mut [Segment<'_>], layer: usize, zeros: &mut Zeros) -> Result<Array> {
-        let [q, k, v] = self.project(x)?;
+        let [q, k, v] = self.project(x, &[1, x.dim(0)])?;
         if let [seg] = segments {
             let out = self.attend(&q, &k, &v, seg.len, &mut seg.cache.layers[layer], zeros)?;
             return self.o_proj.forward(&out);
@@ -524,19 +535,20 @@ impl Attention {
             start = end;
         }
         let refs: Vec<&Array> = outs.iter().collect();
-        self.o_proj.forward(&mlx::concatenate(&refs, 1)?)
+        self.o_proj.forward(&mlx::concatenate(&refs, 0)?)
     }
 
-    /// The query, key and value projections of `x` (`[batch, len, hidden]`), each
-    /// `[batch, len, heads, head_dim]`.
-    fn project(&self, x: &Array) -> Result<[Array; 3]> {
+    /// The query, key and value projections of `x` (`[tokens, hidden]`), each
+    /// `[lead..., heads, head_dim]` (`lead`: `[batch, len]`).
+    fn project(&self, x: &Array, lead: &[i32]) -> Result<[Array; 3]> {
         self.qkv
-            .forward_heads(x, self.head_dim)?
+            .forward_heads(x, lead, self.head_dim)?
             .try_into()
             .map_err(|_| EngineError::invalid("attention: three projections expected"))
     }
 
-    /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections).
+    /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections),
+    /// as `[len, heads * head_dim]`.
     fn attend(
         &self,
         q: &Array,
@@ -555,7 +567,7 @@ impl Attention {
         let (keys, values) = cache.append(&keys, &values, zeros)?;
         let mask = if len > 1 { Mask::Causal } else { Mask::None };
         let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, mask)?;
-        Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[1, len, -1])?)
+        Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[len, -1])?)
     }
 }
 
