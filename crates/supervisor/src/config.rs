@@ -712,6 +712,21 @@ mod tests {
     }
 
     #[test]
+    fn a_group_spreads_over_its_own_gpus_or_the_pools() {
+        let c = load_text(
+            "[pool]\ncuda_visible_devices = [\"0\", \"1\"]\n\
+             [[pool.groups]]\nname = \"own\"\nworkers = 1\nworker_command = [\"w\"]\ncuda_visible_devices = [\"2\"]\n\
+             [[pool.groups]]\nname = \"inherits\"\nworkers = 1\nworker_command = [\"w\"]\n\
+             [[pool.groups]]\nname = \"none\"\nworkers = 1\nworker_command = [\"w\"]\ncuda_visible_devices = []\n",
+        )
+        .unwrap();
+        assert_eq!(c.cuda_devices_for(None), ["0", "1"]);
+        assert_eq!(c.cuda_devices_for(Some("own")), ["2"]);
+        assert_eq!(c.cuda_devices_for(Some("inherits")), ["0", "1"]);
+        assert!(c.cuda_devices_for(Some("none")).is_empty(), "an empty list: the variable is inherited");
+    }
+
+    #[test]
     fn model_paths_must_lie_under_the_roots() {
         let root = repo().join("tests/fixtures/models").canonicalize().unwrap();
         let config = |path: &str| {
