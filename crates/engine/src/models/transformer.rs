@@ -348,11 +348,7 @@ impl Transformer {
             }
             h.take(&Array::from_slice(&rows, &[rows.len() as i32])?, 0)?
         };
-        let out = match &self.lm_head {
-            Some(head) => head.forward(&last)?,
-            None => self.embed_tokens.as_linear(&last)?,
-        };
-        Ok(Some(out))
+        Ok(Some(self.output(&last)?))
     }
 }
 
@@ -378,10 +374,14 @@ impl Transformer {
             h = h.add(&r)?;
         }
         cache.end_step();
-        let h = self.norm.forward(&h)?;
+        self.output(&self.norm.forward(&h)?)
+    }
+
+    /// The logits of normed hidden states: the output projection, or the tied embeddings.
+    fn output(&self, h: &Array) -> Result<Array> {
         match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
+            Some(head) => head.forward(h),
+            None => self.embed_tokens.as_linear(h),
         }
     }
 }
@@ -507,11 +507,7 @@ impl Attention {
     /// values, and four operations fewer per layer.
     fn forward_batch(&self, x: &Array, cache: &mut BatchCache, layer: usize, layout: &StepLayout) -> Result<Array> {
         let rows = x.dim(0);
-        let [q, k, v]: [Array; 3] = self
-            .qkv
-            .forward_heads_first(x, self.head_dim)?
-            .try_into()
-            .map_err(|_| EngineError::invalid("attention: three projections expected"))?;
+        let [q, k, v] = qkv(self.qkv.forward_heads_first(x, self.head_dim)?)?;
         let queries = self.rope.forward_at(&normed(&q, self.q_norm.as_ref())?, layout.rope_offset())?;
         let keys = self.rope.forward_at(&normed(&k, self.k_norm.as_ref())?, layout.rope_offset())?;
         let (keys, values) = cache.update(layer, &keys, &v)?;
@@ -541,10 +537,7 @@ impl Attention {
     /// The query, key and value projections of `x` (`[tokens, hidden]`), each
     /// `[lead..., heads, head_dim]` (`lead`: `[batch, len]`).
     fn project(&self, x: &Array, lead: &[i32]) -> Result<[Array; 3]> {
-        self.qkv
-            .forward_heads(x, lead, self.head_dim)?
-            .try_into()
-            .map_err(|_| EngineError::invalid("attention: three projections expected"))
+        qkv(self.qkv.forward_heads(x, lead, self.head_dim)?)
     }
 
     /// Attention of one sequence's `len` new positions (`[1, len, heads, head_dim]` projections),
@@ -569,6 +562,11 @@ impl Attention {
         let out = fast::scaled_dot_product_attention(&queries, &keys, &values, self.scale, mask)?;
         Ok(out.transpose(&[0, 2, 1, 3])?.reshape(&[len, -1])?)
     }
+}
+
+/// The query, key and value projections, in that order.
+fn qkv(parts: Vec<Array>) -> Result<[Array; 3]> {
+    parts.try_into().map_err(|_| EngineError::invalid("attention: three projections expected"))
 }
 
 /// `[batch, len, heads, head_dim]` to `[batch, heads, len, head_dim]`, after the per-head norm
