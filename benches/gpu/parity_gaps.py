@@ -16,6 +16,7 @@ how many cases then equal the GPU's tokens.
     .venv-bench/bin/python benches/gpu/parity_gaps.py benches/gpu/results-2026-12-04/bf16agg-results.json
 """
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,20 @@ from mlx_lm.models.cache import make_prompt_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {k: getattr(mx.fast, k) for k in ("rms_norm", "rope", "scaled_dot_product_attention")}
+
+
+@functools.cache
+def fixture(name):
+    """A fixture model, loaded once, and its golden cases by name."""
+    model = mlx_lm.load(str(ROOT / "tests/fixtures/models" / name))[0]
+    cases = json.loads((ROOT / f"tests/fixtures/golden/{name}.json").read_text())["cases"]
+    return model, {c["name"]: c for c in cases}
+
+
+def replay(row, n):
+    """`greedy` over the prompt of a parity row's case, on this machine."""
+    model, cases = fixture(row["model"])
+    return greedy(model, cases[row["case"]]["prompt_ids"], n)
 
 
 def ulp(x):
@@ -80,16 +95,11 @@ def main():
     ap.add_argument("--emulate", action="store_true", help="also decode with float32 fused-kernel arithmetic")
     a = ap.parse_args()
     rows = json.loads(Path(a.results).read_text())["parity"]
-    models = {}
     all_gaps, at_diff = [], []
     for r in rows:
         if r["ours_first_diff"] is None:
             continue
-        if r["model"] not in models:
-            models[r["model"]] = mlx_lm.load(str(ROOT / "tests/fixtures/models" / r["model"]))[0]
-        case = next(c for c in json.loads((ROOT / f"tests/fixtures/golden/{r['model']}.json").read_text())["cases"]
-                    if c["name"] == r["case"])
-        tokens, gaps = greedy(models[r["model"]], case["prompt_ids"], len(r["golden"]))
+        tokens, gaps = replay(r, len(r["golden"]))
         d = r["ours_first_diff"]
         all_gaps += gaps[:d + 1]
         at_diff.append(gaps[d])
@@ -106,13 +116,7 @@ def main():
                                                                    "rope": rope_f32, "rms_norm": rms_norm_f32})):
             for k, f in FAST.items():
                 setattr(mx.fast, k, patch.get(k, f))
-            equal = 0
-            for r in rows:
-                m = models.get(r["model"]) or models.setdefault(
-                    r["model"], mlx_lm.load(str(ROOT / "tests/fixtures/models" / r["model"]))[0])
-                case = next(c for c in json.loads((ROOT / f"tests/fixtures/golden/{r['model']}.json").read_text())["cases"]
-                            if c["name"] == r["case"])
-                equal += greedy(m, case["prompt_ids"], len(r["ours"]))[0] == r["ours"]
+            equal = sum(replay(r, len(r["ours"]))[0] == r["ours"] for r in rows)
             print(f"CPU decoding {name}: equal to the GPU's tokens in {equal} of {len(rows)} cases")
         for k, f in FAST.items():
             setattr(mx.fast, k, f)
