@@ -407,13 +407,9 @@ impl Pool {
                 None => list.is_empty(),
             };
             if !keep {
-                let others: Vec<String> = self
-                    .slots()
-                    .iter()
-                    .filter(|s| s.id != slot.id)
-                    .filter_map(|s| s.lock().cuda_device.clone())
-                    .collect();
-                let next = least_used(list, &others);
+                // This slot's own entry is not in `list`, so counting it with the others changes
+                // nothing.
+                let next = least_used(list, &self.cuda_devices());
                 tracing::info!(worker = slot.id, from = ?current, to = ?next, "CUDA_VISIBLE_DEVICES changes at the next start");
                 slot.lock().cuda_device = next;
             }
