@@ -131,7 +131,7 @@ fn time_prefill(model: &Model, rows: usize, chunk: usize, how: &str) -> Result<(
             let t = std::time::Instant::now();
             let mut refs: Vec<&mut Sequence> = seqs[joined..].iter_mut().collect();
             model.prefill_chunks_with(&mut refs, chunk, |arrays| {
-                prefill_ops += mlx::graph_ops(arrays)?.iter().map(|(_, n)| n).sum::<usize>();
+                prefill_ops += mlx::graph_op_count(arrays)?;
                 Ok(())
             })?;
             prefill += t.elapsed().as_secs_f64() * 1e3;
@@ -140,7 +140,7 @@ fn time_prefill(model: &Model, rows: usize, chunk: usize, how: &str) -> Result<(
             let t = std::time::Instant::now();
             let group = seqs[joined..joined + ready].iter_mut().enumerate().map(|(i, s)| ((joined + i) as u64, s));
             model.join(&mut batch, group.collect())?;
-            join_ops += mlx::graph_ops(&batch.arrays())?.iter().map(|(_, n)| n).sum::<usize>();
+            join_ops += mlx::graph_op_count(&batch.arrays())?;
             mlx::eval(&batch.arrays())?;
             join += t.elapsed().as_secs_f64() * 1e3;
             joined += ready;

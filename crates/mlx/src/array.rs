@@ -95,6 +95,11 @@ pub fn graph_ops(arrays: &[&Array]) -> Result<Vec<(String, usize)>> {
         .collect())
 }
 
+/// How many operations not yet evaluated lie behind `arrays`: [`graph_ops`] summed.
+pub fn graph_op_count(arrays: &[&Array]) -> Result<usize> {
+    Ok(graph_ops(arrays)?.iter().map(|(_, n)| n).sum())
+}
+
 /// Starts computing the given arrays and returns at once; a later [`eval`] or read waits for them.
 pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let v = raws(arrays);

@@ -15,7 +15,7 @@ pub mod io;
 pub mod memory;
 pub mod random;
 
-pub use array::{Array, Element, async_eval, concatenate, eval, graph_ops, where_cond};
+pub use array::{Array, Element, async_eval, concatenate, eval, graph_op_count, graph_ops, where_cond};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 
