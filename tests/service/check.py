@@ -45,6 +45,13 @@ def stop_budget_s(config_toml):
     return drain / 1000, grace / 1000
 
 
+def start_timeout_s(config_toml):
+    """How long a worker may take to start with the default configuration (handshake, model loads
+    and their warm-up)."""
+    with open(config_toml, "rb") as f:
+        return tomllib.load(f).get("pool", {}).get("start_timeout_ms", 300000) / 1000
+
+
 # ---- systemd unit -------------------------------------------------------------------------
 
 def read_unit(path):
@@ -115,7 +122,9 @@ def check_unit(unit, config_toml):
     watchdog = timespan_s(svc("WatchdogSec"))
     expect(2 <= watchdog < float("inf"), f"WatchdogSec={svc('WatchdogSec')} ({watchdog:g} s) is finite and at least 2 s")
     start = timespan_s(svc("TimeoutStartSec"))
-    expect(start >= 120, f"TimeoutStartSec={svc('TimeoutStartSec')} ({start:g} s) leaves a worker its default start timeout (120 s)")
+    worker_start = start_timeout_s(config_toml)
+    expect(start > worker_start,
+           f"TimeoutStartSec={svc('TimeoutStartSec')} ({start:g} s) is above a worker's start timeout ({worker_start:g} s)")
     expect(svc("User") not in (None, "root") and svc("DynamicUser") in (None, "no", "false"),
            f"runs as a static unprivileged user: User={svc('User')}")
     # GPUs: any device allow-list (PrivateDevices, DevicePolicy, DeviceAllow, and ProtectClock,

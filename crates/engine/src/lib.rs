@@ -17,6 +17,9 @@ pub mod sequence;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mlx::Array;
 
 pub use batch::{Batch, BatchStep};
 pub use config::ModelConfig;
@@ -24,12 +27,43 @@ pub use error::{EngineError, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, TextStream, TokenEvent};
 pub use mlx_serving_tokenizer::{ChatMessage, Tokenizer};
 pub use models::{LoadOptions, Transformer};
+use nn::QuantizedWeight;
 pub use prefix_cache::{PrefixCache, PrefixCacheCounts};
 pub use sample::{Sampler, SamplingParams};
 pub use sequence::Sequence;
 
 /// Context length assumed when config.json gives none.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;
+
+/// What [`Model::warm_up`] ran.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WarmUp {
+    /// Distinct quantized products: output and input features, bits, group size and input type.
+    pub products: usize,
+    /// Products evaluated: every distinct one at each number of rows of [`warm_up_rows`] up to
+    /// its bound.
+    pub calls: usize,
+    pub seconds: f64,
+    /// The slowest call: its rows and seconds.
+    pub slowest: Option<(usize, f64)>,
+}
+
+/// The numbers of rows [`Model::warm_up`] runs each quantized product at, ascending: every power
+/// of two from 2 up to the first at or above `max_rows`, each also plus one, and `max_rows`
+/// itself. Whatever rows MLX's kernels start a new tile size at, each size is run. One row is
+/// left out (MLX ships that product's kernels compiled), so `max_rows <= 1` gives none.
+pub fn warm_up_rows(max_rows: usize) -> Vec<usize> {
+    if max_rows <= 1 {
+        return Vec::new();
+    }
+    let top = max_rows.next_power_of_two();
+    let mut rows: Vec<usize> =
+        std::iter::successors(Some(2usize), |&p| (p < top).then_some(p * 2)).flat_map(|p| [p, p + 1]).collect();
+    rows.push(max_rows);
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
 
 /// A loaded model: weights on the MLX device, and its tokenizer.
 pub struct Model {
@@ -82,8 +116,71 @@ impl Model {
         kv_cache::bytes_per_token(t.num_layers() as i32, t.config.kv_heads(), t.spec.head_dim, t.dtype())
     }
 
+    /// Runs every distinct quantized product of the model on zeros of the activations' type, at
+    /// each number of rows of [`warm_up_rows`] up to the most it takes: `max_rows` for the
+    /// layers' products ([`Transformer::quantized_products`]), `max_output_rows` for the output
+    /// projection ([`Transformer::quantized_output`]), one evaluation per product. MLX's CUDA
+    /// backend compiles the kernels of a quantized product of several rows at run time, one per
+    /// tile size (it picks the size from the rows), the first time that size runs; each
+    /// compiled kernel is kept on disk, so a later process finds it. Elsewhere this only
+    /// computes. A model without quantized weights runs nothing.
+    pub fn warm_up(&self, max_rows: usize, max_output_rows: usize) -> Result<WarmUp> {
+        let start = Instant::now();
+        let dtype = self.transformer.dtype();
+        let t = &self.transformer;
+        let all = t.quantized_products().into_iter().map(|w| (w, max_rows));
+        // Distinct by shape, bits and group size, each with the most rows any of its uses takes.
+        let mut products: Vec<(QuantizedWeight<'_>, usize)> = Vec::new();
+        for (w, bound) in all.chain(t.quantized_output().map(|w| (w, max_output_rows))) {
+            let key = |w: &QuantizedWeight<'_>| (w.out_features(), w.in_features(), w.q.bits, w.q.group_size);
+            match products.iter_mut().find(|(p, _)| key(p) == key(&w)) {
+                Some((_, b)) => *b = (*b).max(bound),
+                None => products.push((w, bound)),
+            }
+        }
+        // Fewest rows first: the sizes every step needs are ready soonest.
+        let mut calls: Vec<(usize, &QuantizedWeight<'_>)> =
+            products.iter().flat_map(|(w, bound)| warm_up_rows(*bound).into_iter().map(move |r| (r, w))).collect();
+        calls.sort_by_key(|(rows, _)| *rows);
+        let mut report = WarmUp { products: products.len(), ..WarmUp::default() };
+        for (rows, w) in calls {
+            let m =
+                i32::try_from(rows).map_err(|_| EngineError::invalid(format!("warm_up: {rows} rows are too many")))?;
+            let x = Array::zeros(&[m, w.in_features()], dtype)?.contiguous()?;
+            x.eval()?;
+            let t = Instant::now();
+            w.product(&x)?.eval()?;
+            let seconds = t.elapsed().as_secs_f64();
+            report.calls += 1;
+            if report.slowest.is_none_or(|(_, s)| seconds > s) {
+                report.slowest = Some((rows, seconds));
+            }
+        }
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
     /// Renders a chat with the model's template and tokenizes it.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode_chat(messages, true)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warm_up_rows;
+
+    #[test]
+    fn warm_up_rows_are_powers_of_two_each_plus_one_and_the_bound() {
+        assert_eq!(warm_up_rows(0), Vec::<usize>::new());
+        assert_eq!(warm_up_rows(1), Vec::<usize>::new());
+        assert_eq!(warm_up_rows(2), [2, 3]);
+        assert_eq!(warm_up_rows(3), [2, 3, 4, 5]);
+        assert_eq!(warm_up_rows(6), [2, 3, 4, 5, 6, 8, 9]);
+        assert_eq!(warm_up_rows(8), [2, 3, 4, 5, 8, 9]);
+        let mut expected: Vec<usize> = (1..=11).flat_map(|k| [1 << k, (1 << k) + 1]).collect();
+        assert_eq!(warm_up_rows(2048), expected);
+        expected.extend([3000, 4096, 4097]);
+        assert_eq!(warm_up_rows(3000), expected);
     }
 }

@@ -34,6 +34,39 @@ pub enum Linear {
     },
 }
 
+/// A quantized weight `[out_features, in_features]` (packed, with its scales and biases), as one
+/// quantized product of the model takes it.
+#[derive(Clone, Copy)]
+pub struct QuantizedWeight<'a> {
+    pub weight: &'a Array,
+    pub scales: &'a Array,
+    pub biases: &'a Array,
+    pub q: Quantization,
+}
+
+impl QuantizedWeight<'_> {
+    pub fn out_features(&self) -> i32 {
+        self.weight.dim(0)
+    }
+
+    pub fn in_features(&self) -> i32 {
+        self.weight.dim(1) * 32 / self.q.bits
+    }
+
+    /// `x W^T`.
+    pub fn product(&self, x: &Array) -> Result<Array> {
+        Ok(fast::quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            Some(self.biases),
+            true,
+            self.q.group_size,
+            self.q.bits,
+        )?)
+    }
+}
+
 /// A bfloat16 weight `[n, k]` packed for [`fast::packed_matmul`].
 pub struct PackedWeight {
     packed: Array,
@@ -98,13 +131,23 @@ impl Linear {
             Linear::Dense { weight_t, bias: Some(b), .. } => b.addmm(x, weight_t, 1.0, 1.0)?,
             Linear::Packed { weight, bias } => weight.forward(x, bias.as_ref())?,
             Linear::Quantized { weight, scales, biases, bias, q } => {
-                let y = fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?;
+                let y = QuantizedWeight { weight, scales, biases, q: *q }.product(x)?;
                 match bias {
                     Some(b) => y.add(b)?,
                     None => y,
                 }
             }
         })
+    }
+
+    /// The weight of its product when quantized.
+    pub fn quantized(&self) -> Option<QuantizedWeight<'_>> {
+        match self {
+            Linear::Quantized { weight, scales, biases, q, .. } => {
+                Some(QuantizedWeight { weight, scales, biases, q: *q })
+            }
+            Linear::Dense { .. } | Linear::Packed { .. } => None,
+        }
     }
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {
@@ -245,6 +288,11 @@ impl Stacked {
         Ok(out)
     }
 
+    /// The weight of the stacked product when quantized.
+    pub fn quantized(&self) -> Option<QuantizedWeight<'_>> {
+        self.linear.quantized()
+    }
+
     pub(crate) fn arrays(&self) -> Vec<&Array> {
         self.linear.arrays()
     }
@@ -353,9 +401,19 @@ impl Embedding {
             Embedding::Dense { packed: Some(p), .. } => p.forward(x, None)?,
             Embedding::Dense { weight_t, .. } => x.matmul(weight_t)?,
             Embedding::Quantized { weight, scales, biases, q } => {
-                fast::quantized_matmul(x, weight, scales, Some(biases), true, q.group_size, q.bits)?
+                QuantizedWeight { weight, scales, biases, q: *q }.product(x)?
             }
         })
+    }
+
+    /// The weight of the output projection [`Embedding::as_linear`] when quantized.
+    pub fn quantized(&self) -> Option<QuantizedWeight<'_>> {
+        match self {
+            Embedding::Quantized { weight, scales, biases, q } => {
+                Some(QuantizedWeight { weight, scales, biases, q: *q })
+            }
+            Embedding::Dense { .. } => None,
+        }
     }
 
     pub(crate) fn arrays(&self) -> Vec<&Array> {

@@ -183,7 +183,8 @@ pub struct PoolConfig {
     pub heartbeat_timeout_ms: u64,
     /// A busy worker whose progress counters stand still this long is hung.
     pub stall_timeout_ms: u64,
-    /// Longest wait for a new worker to answer its handshake and load its models.
+    /// Longest wait for a new worker to answer its handshake and load its models (warm-up
+    /// included).
     pub start_timeout_ms: u64,
     /// After SIGTERM, how long a worker has before SIGKILL.
     pub stop_grace_ms: u64,
@@ -235,7 +236,7 @@ impl Default for PoolConfig {
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 5000,
             stall_timeout_ms: 5000,
-            start_timeout_ms: 120_000,
+            start_timeout_ms: 300_000,
             stop_grace_ms: 2000,
             drain_deadline_ms: 30_000,
             memory_budget_bytes: 0,

@@ -31,6 +31,10 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: u64,
     /// How models are loaded.
     pub load: mlx_serving_engine::LoadOptions,
+    /// On MLX's CUDA backend, run every quantized product of a model once per row tile as it
+    /// loads ([`mlx_serving_engine::Model::warm_up`]), so that MLX compiles their kernels
+    /// before any request waits on them.
+    pub warm_up: bool,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;

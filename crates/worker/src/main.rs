@@ -108,6 +108,13 @@ struct Args {
     /// and the CPU.
     #[arg(long, value_parser = padding_share)]
     prefill_row_padding: Option<f32>,
+    /// On MLX's CUDA backend, run each quantized matrix product of a model at every row tile it
+    /// can take while the model loads, before serving it: MLX compiles those kernels the first
+    /// time each tile runs (about 35 s each, then kept on disk under MLX_PTX_CACHE_DIR), and a
+    /// request that waited on a compile would stall the worker past the supervisor's
+    /// stall_timeout_ms. No effect on Metal and the CPU.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    warm_up: bool,
 }
 
 fn padding_share(s: &str) -> std::result::Result<f32, String> {
@@ -182,6 +189,7 @@ fn run(args: Args) -> Result<()> {
             prefill_rows: args.prefill_rows,
             prefill_row_padding: args.prefill_row_padding,
         },
+        warm_up: args.warm_up,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(serve(args, config));

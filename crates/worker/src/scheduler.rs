@@ -6,7 +6,7 @@
 //! reads the tokens of the previous step, so MLX computes step n+1 while step n's tokens are
 //! turned into events. Sequences join and leave at every step.
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -349,6 +349,9 @@ impl Scheduler {
         }
         let mut model = Model::load_with(&path, self.config.load)
             .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
+        if self.config.warm_up && mlx::default_device_is_cuda() {
+            self.warm_up(&name, &path, &model)?;
+        }
         model.set_context_cap((self.config.max_context_tokens > 0).then_some(self.config.max_context_tokens));
         let loaded = Loaded {
             kv_per_token: model.kv_bytes_per_token() as u64,
@@ -364,6 +367,33 @@ impl Scheduler {
         self.models.insert(name, loaded);
         self.publish_models();
         Ok(info)
+    }
+
+    /// Runs the model's quantized products at every number of rows the engine multiplies at
+    /// once, so that MLX's CUDA backend compiles their kernels now (see
+    /// [`Model::warm_up`]): decode takes one row per sequence, a prefill chunk at most the
+    /// larger of `prefill_chunk` and `prefill_chunk_idle` tokens, and the padding of its rows.
+    fn warm_up(&self, name: &str, path: &Path, model: &Model) -> Result<(), ErrorObjectOwned> {
+        let chunk = self.config.prefill_chunk.max(self.config.prefill_chunk_idle);
+        let max_rows = model.transformer.max_prefill_rows(chunk).max(self.config.max_sequences);
+        // The output projection takes one row per sequence: a prompt's last position, or a
+        // decoded row.
+        let w = model.warm_up(max_rows, self.config.max_sequences).map_err(|e| {
+            after_mlx_error(&e);
+            ErrorCode::ModelLoadFailed.error(format!("warming up `{name}` from {}: {e}", path.display()))
+        })?;
+        let (slowest_rows, slowest_seconds) = w.slowest.unwrap_or((0, 0.0));
+        tracing::info!(
+            model = %name,
+            max_rows,
+            products = w.products,
+            calls = w.calls,
+            seconds = format_args!("{:.2}", w.seconds),
+            slowest_rows,
+            slowest_seconds = format_args!("{slowest_seconds:.2}"),
+            "quantized products warmed up"
+        );
+        Ok(())
     }
 
     fn unload(&mut self, name: &str) -> Result<Unloaded, ErrorObjectOwned> {

@@ -18,7 +18,7 @@ use crate::batch::{BatchCache, RowOffsets, StepLayout};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, LayerCache, Zeros};
-use crate::nn::{Embedding, Linear, RmsNorm, Rope, Stacked, heads_first, split_heads};
+use crate::nn::{Embedding, Linear, QuantizedWeight, RmsNorm, Rope, Stacked, heads_first, split_heads};
 use crate::weights::Weights;
 
 /// Which optional parts an architecture's attention has.
@@ -119,6 +119,14 @@ impl Projections {
         match self {
             Projections::Separate(v) => v.iter().map(|l| heads_first(&l.forward(x)?, head_dim)).collect(),
             Projections::Stacked(s) => s.forward_heads_first(x, head_dim),
+        }
+    }
+
+    /// The weight of each quantized product.
+    fn quantized(&self) -> Vec<QuantizedWeight<'_>> {
+        match self {
+            Projections::Separate(v) => v.iter().filter_map(Linear::quantized).collect(),
+            Projections::Stacked(s) => s.quantized().into_iter().collect(),
         }
     }
 
@@ -274,6 +282,40 @@ impl Transformer {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The weight of every quantized matrix product of the layers, in the order a forward pass
+    /// runs them (one entry per product, so a shape repeats once per layer): the projections,
+    /// stacked or not. The output projection is [`Transformer::quantized_output`].
+    pub fn quantized_products(&self) -> Vec<QuantizedWeight<'_>> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            v.extend(l.self_attn.qkv.quantized());
+            v.extend(l.self_attn.o_proj.quantized());
+            v.extend(l.mlp.gate_up.quantized());
+            v.extend(l.mlp.down_proj.quantized());
+        }
+        v
+    }
+
+    /// The output projection's weight when quantized (the tied embeddings' when there is no
+    /// `lm_head`). It takes one row per sequence: the last position of each prompt, or one per
+    /// decoded row.
+    pub fn quantized_output(&self) -> Option<QuantizedWeight<'_>> {
+        match &self.lm_head {
+            Some(head) => head.quantized(),
+            None => self.embed_tokens.quantized(),
+        }
+    }
+
+    /// The most rows (tokens, padding included) a product of one prefill pass of at most
+    /// `tokens` tokens takes: the tokens, and the padding rows of one batch may add to them
+    /// (see [`Transformer::prefill_rows`]).
+    pub fn max_prefill_rows(&self, tokens: usize) -> usize {
+        match self.row_padding {
+            Some(share) => ((1.0 + f64::from(share)) * tokens as f64).floor() as usize,
+            None => tokens,
+        }
     }
 
     /// Which of several sequences to prefill as rows of one batch, given each one's next
