@@ -46,6 +46,8 @@ pub struct WarmUp {
     pub seconds: f64,
     /// The slowest call: its rows and seconds.
     pub slowest: Option<(usize, f64)>,
+    /// Seconds of the pass through the engine's own paths (see [`Model::warm_up`]).
+    pub engine_seconds: f64,
 }
 
 /// The numbers of rows [`Model::warm_up`] runs each quantized product at, ascending: every power
@@ -122,8 +124,10 @@ impl Model {
     /// projection ([`Transformer::quantized_output`]), one evaluation per product. MLX's CUDA
     /// backend compiles the kernels of a quantized product of several rows at run time, one per
     /// tile size (it picks the size from the rows), the first time that size runs; each
-    /// compiled kernel is kept on disk, so a later process finds it. Elsewhere this only
-    /// computes. A model without quantized weights runs nothing.
+    /// compiled kernel is kept on disk, so a later process finds it. Then one pass through the
+    /// engine's own paths compiles the rest of what a first burst of requests needs
+    /// (`warm_up_engine`). Elsewhere this only computes. A model without quantized
+    /// weights runs no product.
     pub fn warm_up(&self, max_rows: usize, max_output_rows: usize) -> Result<WarmUp> {
         let start = Instant::now();
         let dtype = self.transformer.dtype();
@@ -156,8 +160,65 @@ impl Model {
                 report.slowest = Some((rows, seconds));
             }
         }
+        let engine = Instant::now();
+        self.warm_up_engine()?;
+        report.engine_seconds = engine.elapsed().as_secs_f64();
         report.seconds = start.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Three requests through the engine's own paths, as the worker runs a burst of them: prompts
+    /// of different lengths prefilled in small chunks, joined into one batch, two decode steps of
+    /// greedy and sampled rows with their tokens' log-probabilities, then one row removed (its
+    /// keys and values copied out, as for the prefix cache) and one more step. On MLX's CUDA
+    /// backend this compiles, in this process, the kernels of those paths: fused elementwise
+    /// chains, gathers and the padded-attention kernel. Each takes well under the supervisor's
+    /// stall timeout, but a first step that meets several of them at once may not.
+    fn warm_up_engine(&self) -> Result<()> {
+        let vocab = self.transformer.config.vocab_size.max(1) as usize;
+        let sampled = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            seed: Some(0),
+            ..SamplingParams::default()
+        };
+        let mut seqs = [(5, SamplingParams::default()), (11, sampled), (19, SamplingParams::default())]
+            .into_iter()
+            .enumerate()
+            .map(|(r, (len, params))| {
+                let prompt = (0..len).map(|i| ((1 + i * 7 + r * 13) % vocab) as u32).collect();
+                Sequence::new(self, prompt, Sampler::new(params)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            while refs.iter().any(|s| s.needs_prefill()) {
+                self.prefill_chunks(&mut refs, 16)?;
+            }
+        }
+        let mut batch = Batch::new();
+        self.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+        for step in 0..3 {
+            if step == 2 {
+                let copied = batch.remove(&[1], |_| true)?;
+                let arrays: Vec<&Array> =
+                    copied.iter().flat_map(|(_, kv)| kv.layers.iter().flat_map(|l| l.state())).collect();
+                mlx::eval(&arrays)?;
+                seqs.remove(1);
+            }
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let out = self.decode_batch(&mut batch, &mut refs)?;
+            let logprobs = out.token_logprobs()?;
+            mlx::eval(&[&out.tokens, &logprobs])?;
+            let tokens = out.tokens.to_vec::<u32>()?;
+            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
+                s.accept(index, t);
+            }
+        }
+        Ok(())
     }
 
     /// Renders a chat with the model's template and tokenizes it.

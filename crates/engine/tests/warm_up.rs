@@ -1,6 +1,6 @@
 //! `Model::warm_up` runs each distinct quantized product of a model once per number of rows of
 //! `warm_up_rows` up to its bound (the output projection's own), and nothing for a model without
-//! quantized weights.
+//! quantized weights; then a pass through the engine's own paths, for every model.
 mod common;
 
 use common::model_dir;
@@ -53,6 +53,7 @@ fn warm_up_runs_each_distinct_quantized_product_at_every_row_count() {
         let (slowest_rows, slowest_seconds) = w.slowest.expect("a slowest call");
         assert!(rows.contains(&slowest_rows), "{w:?}");
         assert!(slowest_seconds >= 0.0 && slowest_seconds <= w.seconds, "{w:?}");
+        assert!(w.engine_seconds > 0.0 && w.engine_seconds <= w.seconds, "{w:?}");
         // One row (MLX's precompiled product) runs nothing.
         let one = m.warm_up(1, 1).unwrap();
         assert_eq!((one.products, one.calls, one.slowest), (expected, 0, None), "{model}: {one:?}");
@@ -64,6 +65,8 @@ fn a_model_without_quantized_weights_warms_up_nothing() {
     for model in ["llama-f32", "qwen3-bf16"] {
         let w = Model::load(&model_dir(model)).unwrap().warm_up(8, 8).unwrap();
         assert_eq!((w.products, w.calls, w.slowest), (0, 0, None), "{model}: {w:?}");
+        // The pass through the engine's own paths runs for every model.
+        assert!(w.engine_seconds > 0.0 && w.engine_seconds <= w.seconds, "{model}: {w:?}");
     }
 }
 

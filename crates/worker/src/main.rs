@@ -109,10 +109,10 @@ struct Args {
     #[arg(long, value_parser = padding_share)]
     prefill_row_padding: Option<f32>,
     /// On MLX's CUDA backend, run each quantized matrix product of a model at every row tile it
-    /// can take while the model loads, before serving it: MLX compiles those kernels the first
-    /// time each tile runs (about 35 s each, then kept on disk under MLX_PTX_CACHE_DIR), and a
-    /// request that waited on a compile would stall the worker past the supervisor's
-    /// stall_timeout_ms. No effect on Metal and the CPU.
+    /// can take, and a few requests through the engine, while the model loads, before serving
+    /// it: MLX compiles kernels the first time each runs (a quantized tile about 35 s, then kept
+    /// on disk under MLX_PTX_CACHE_DIR), and a request that waited on compiles would stall the
+    /// worker past the supervisor's stall_timeout_ms. No effect on Metal and the CPU.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     warm_up: bool,
 }

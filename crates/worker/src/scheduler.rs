@@ -370,9 +370,10 @@ impl Scheduler {
     }
 
     /// Runs the model's quantized products at every number of rows the engine multiplies at
-    /// once, so that MLX's CUDA backend compiles their kernels now (see
-    /// [`Model::warm_up`]): decode takes one row per sequence, a prefill chunk at most the
-    /// larger of `prefill_chunk` and `prefill_chunk_idle` tokens, and the padding of its rows.
+    /// once, and a few requests through the engine, so that MLX's CUDA backend compiles their
+    /// kernels now (see [`Model::warm_up`]): decode takes one row per sequence, a prefill chunk
+    /// at most the larger of `prefill_chunk` and `prefill_chunk_idle` tokens, and the padding of
+    /// its rows.
     fn warm_up(&self, name: &str, path: &Path, model: &Model) -> Result<(), ErrorObjectOwned> {
         let chunk = self.config.prefill_chunk.max(self.config.prefill_chunk_idle);
         let max_rows = model.transformer.max_prefill_rows(chunk).max(self.config.max_sequences);
@@ -391,7 +392,8 @@ impl Scheduler {
             seconds = format_args!("{:.2}", w.seconds),
             slowest_rows,
             slowest_seconds = format_args!("{slowest_seconds:.2}"),
-            "quantized products warmed up"
+            engine_seconds = format_args!("{:.2}", w.engine_seconds),
+            "model warmed up"
         );
         Ok(())
     }
