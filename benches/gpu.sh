@@ -24,6 +24,10 @@
 #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json
 #   bash benches/gpu.sh py benches/gpu/sdpa.py --out \$OUT/sdpa.json   (padding-masked decode attention)
 #   bash benches/gpu.sh py benches/gpu/hostcost.py --out \$OUT/hostcost.json   (host time per operation)
+#   bash benches/gpu.sh py benches/gpu/firstcall.py --child --out \$OUT/firstcall.json   (first-call kernel compiles)
+# The pool on an empty kernel cache with the default timeouts, with and without the worker's
+# warm-up (call 2 carries .gpu/x4; a model made by bench_models.py):
+#   bash benches/gpu.sh sh python3 benches/gpu/coldstart.py --model /tmp/m/qwen3-0.6b-q4 --out \$OUT/coldstart.json
 # Any command there, e.g. the operation counter on a model made by bench_models.py:
 #   bash benches/gpu.sh sh /tmp/step_ops /tmp/models/qwen3-0.6b-q4 8 ragged time
 # Everything (4 models, 4 levels, parity) takes about 15 minutes on an H200, more than one 10-minute
