@@ -16,11 +16,17 @@
 //! - `leak-per-token:BYTES`: every token event leaks BYTES of touched memory in this process
 //!   (which, to the supervisor, is the worker), and heartbeats report the worker's RSS plus what
 //!   leaked. Under a memory rlimit the process eventually dies of an allocation failure;
+//! - `slow-load:MS`: each `load_model` request is held MS milliseconds before it is passed on,
+//!   and meanwhile the worker looks as a worker does whose engine thread is busy loading: its
+//!   generate events are held back (and passed on afterwards, none lost) and its heartbeats'
+//!   progress counters stand still;
 //! - `memory-per-request-byte:K`: each generate request needs K bytes of touched memory per byte
 //!   of its line while it is passed on, so under a memory rlimit a large enough prompt kills the
 //!   process with an allocation failure (the way a worker dies that runs out of memory), while
 //!   small ones pass.
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -50,6 +56,7 @@ enum Fault {
     Poison(String),
     Leak(usize),
     MemoryPerRequestByte(usize),
+    SlowLoad(usize),
 }
 
 fn parse(s: &str) -> Result<Fault> {
@@ -75,6 +82,7 @@ fn parse(s: &str) -> Result<Fault> {
         "poison" => Fault::Poison(arg.to_string()),
         "leak-per-token" => Fault::Leak(n()?),
         "memory-per-request-byte" => Fault::MemoryPerRequestByte(n()?),
+        "slow-load" => Fault::SlowLoad(n()?),
         other => bail!("unknown fault `{other}`"),
     })
 }
@@ -99,9 +107,20 @@ async fn main() -> Result<()> {
         Fault::MemoryPerRequestByte(k) => k,
         _ => 0,
     };
+    let slow_load = match fault {
+        Fault::SlowLoad(ms) => Some(Duration::from_millis(ms as u64)),
+        _ => None,
+    };
+    // Until when the worker looks busy loading (`slow-load`).
+    let loading_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let loading = loading_until.clone();
     let inbound = tokio::spawn(async move {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(hold) = slow_load.filter(|_| line.contains("\"method\":\"load_model\"")) {
+                *loading.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + hold);
+                tokio::time::sleep(hold).await;
+            }
             if poison.as_ref().is_some_and(|p| line.contains(p.as_str())) {
                 let _ = kill(pid, Signal::SIGKILL);
                 std::process::abort();
@@ -123,7 +142,24 @@ async fn main() -> Result<()> {
     let mut lines = BufReader::new(child_out).lines();
     let (mut tokens, mut stalled_progress): (usize, Option<String>) = (0, None);
     let mut leaked: Vec<Vec<u8>> = Vec::new();
+    let (mut held, mut loading_progress): (Vec<String>, String) = (Vec::new(), String::new());
     while let Ok(Some(mut line)) = lines.next_line().await {
+        let until = *loading_until.lock().unwrap_or_else(|p| p.into_inner());
+        if until.is_some_and(|t| Instant::now() < t) {
+            if line.contains("\"generate_event\"") {
+                held.push(line);
+                continue;
+            }
+            if line.contains("\"method\":\"heartbeat\"") {
+                line = freeze(&line, &mut loading_progress);
+            }
+        } else if until.is_some() {
+            *loading_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            loading_progress.clear();
+            for l in held.drain(..) {
+                write(&mut out, &l).await;
+            }
+        }
         if matches!(fault, Fault::Leak(_)) && line.contains("\"method\":\"heartbeat\"") {
             line = add_rss(&line, leaked.iter().map(Vec::len).sum());
         }

@@ -181,7 +181,8 @@ pub struct PoolConfig {
     pub heartbeat_interval_ms: u64,
     /// A worker with no heartbeat for this long is hung: killed and replaced.
     pub heartbeat_timeout_ms: u64,
-    /// A busy worker whose progress counters stand still this long is hung.
+    /// A busy worker whose progress counters stand still this long is hung (not while it loads a
+    /// model the pool asked for: `start_timeout_ms` bounds that).
     pub stall_timeout_ms: u64,
     /// Longest wait for a new worker to answer its handshake and load its models (warm-up
     /// included).

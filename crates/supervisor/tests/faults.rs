@@ -221,7 +221,10 @@ async fn a_stream_whose_worker_dies_is_resumed_with_exactly_the_uninterrupted_to
 
 /// A pool whose workers sit behind the fault-injecting proxy with `fault`.
 async fn faulty_pool(workers: usize, fault: &str) -> Arc<mlx_serving_supervisor::Pool> {
-    let mut c = config(workers);
+    faulty_pool_with(config(workers), fault).await
+}
+
+async fn faulty_pool_with(mut c: mlx_serving_supervisor::Config, fault: &str) -> Arc<mlx_serving_supervisor::Pool> {
     let proxy = worker_bin().with_file_name("mlx-serving-faultworker");
     assert!(proxy.exists(), "{} is missing: build the workspace first", proxy.display());
     c.pool.worker_command = vec![
@@ -378,6 +381,56 @@ async fn a_worker_over_its_memory_limit_is_recycled_after_finishing_its_streams(
         assert_ne!(pid_of(&pool, 0), first_pid, "the same process is still serving");
         let after = collect(&pool, request("after", "Memory grows", 8)).await;
         assert_eq!(after.tokens, expected[..8], "{:?}", after.last);
+        pool.shutdown(Duration::from_secs(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A model loaded on demand on a worker that is streaming: the worker's engine is taken up by the
+/// load (held here for three times the stall timeout, as a large model or a CUDA warm-up takes
+/// it) and its progress stands still. That is a load, not a stall: no worker is killed, and both
+/// requests finish whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_load_on_a_busy_worker_is_not_taken_for_a_stall() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = config(1);
+        c.pool.stall_timeout_ms = 1000;
+        let pool = faulty_pool_with(c, "slow-load:3000").await;
+        let mut busy = pool.generate(request("busy", "Keep streaming while a model loads", 1000));
+        let mut tokens = 0;
+        while tokens == 0 {
+            match busy.recv().await.expect("the stream goes on") {
+                Ok(mlx_serving_supervisor::PoolEvent::Event(mlx_serving_protocol::GenerateEvent::Token(t))) => {
+                    tokens += t.token_ids.len()
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // `m2` is not loaded: the pool loads it on the one worker, which is streaming.
+        let mut load = request("load", "Load me", 4);
+        load.model = "m2".into();
+        let loaded = collect(&pool, load).await;
+        assert!(loaded.last.is_ok(), "{:?}", loaded.last);
+        assert_eq!(loaded.tokens.len(), 4);
+        let mut last = None;
+        while let Some(item) = busy.recv().await {
+            match item {
+                Ok(mlx_serving_supervisor::PoolEvent::Event(mlx_serving_protocol::GenerateEvent::Token(t))) => {
+                    tokens += t.token_ids.len()
+                }
+                Ok(mlx_serving_supervisor::PoolEvent::Event(mlx_serving_protocol::GenerateEvent::Final(f))) => {
+                    last = Some(f)
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the stream broke: {e:?}"),
+            }
+        }
+        assert_eq!(last.expect("a final event").finish_reason, FinishReason::Length);
+        assert_eq!(tokens, 1000);
+        let w = &pool.status().workers[0];
+        assert_eq!((w.restarts, w.last_crash.as_ref().map(|c| c.reason.clone())), (0, None), "{w:?}");
         pool.shutdown(Duration::from_secs(5)).await;
     })
     .await

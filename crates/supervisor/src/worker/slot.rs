@@ -125,8 +125,21 @@ pub struct Slot {
     /// worker takes at most one at a time, so a poisonous request and its innocent fellow
     /// passengers part ways, and only the poisonous one takes down a second worker.
     pub suspects: Arc<AtomicUsize>,
+    /// Models being loaded on the worker at the pool's request (`Slot::loading`). A worker
+    /// loads on its engine thread, so its progress stands still meanwhile; the load has its own
+    /// bound, `start_timeout_ms`, and the stall watchdog waits for it.
+    loads: AtomicUsize,
     inner: Mutex<SlotInner>,
     commands: mpsc::UnboundedSender<SlotCommand>,
+}
+
+/// A model load in progress on a slot's worker ([`Slot::loading`]).
+pub struct LoadGuard<'a>(&'a Slot);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.loads.fetch_sub(1, Relaxed);
+    }
 }
 
 /// What the slot's task reads from the pool.
@@ -159,6 +172,7 @@ impl Slot {
             group,
             inflight: Arc::new(AtomicUsize::new(0)),
             suspects: Arc::new(AtomicUsize::new(0)),
+            loads: AtomicUsize::new(0),
             inner: Mutex::new(SlotInner {
                 state: WorkerState::Starting,
                 conn: None,
@@ -187,6 +201,13 @@ impl Slot {
 
     pub fn lock(&self) -> MutexGuard<'_, SlotInner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks a model load on the worker until the guard drops: while one runs, a busy worker
+    /// whose progress stands still is loading, not hung.
+    pub fn loading(&self) -> LoadGuard<'_> {
+        self.loads.fetch_add(1, Relaxed);
+        LoadGuard(self)
     }
 
     pub fn send(&self, command: SlotCommand) -> bool {
@@ -428,7 +449,7 @@ async fn watch(
                 let now = Instant::now();
                 let busy = slot.inflight.load(Relaxed) > 0
                     || slot.lock().heartbeat.as_ref().is_some_and(|h| h.active_sequences > 0 || h.queue_depth > 0);
-                if !busy {
+                if !busy || slot.loads.load(Relaxed) > 0 {
                     progress_at = now;
                 } else if now.duration_since(progress_at) > stall_timeout {
                     return Ended::Hung(format!("hung: busy with no progress for {:.1} s", stall_timeout.as_secs_f64()));
