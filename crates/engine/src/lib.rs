@@ -38,7 +38,7 @@ pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;
 /// What [`Model::warm_up`] ran.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WarmUp {
-    /// Distinct quantized products: output and input features, bits, group size and input type.
+    /// Distinct quantized products: by output and input features, bits and group size.
     pub products: usize,
     /// Products evaluated: every distinct one at each number of rows of [`warm_up_rows`] up to
     /// its bound.
@@ -169,8 +169,8 @@ impl Model {
 
     /// Three requests through the engine's own paths, as the worker runs a burst of them: prompts
     /// of different lengths prefilled in small chunks, joined into one batch, two decode steps of
-    /// greedy and sampled rows with their tokens' log-probabilities, then one row removed (its
-    /// keys and values copied out, as for the prefix cache) and one more step. On MLX's CUDA
+    /// greedy and sampled rows with their tokens' log-probabilities, then twice a row removed
+    /// (its keys and values copied out, as for the prefix cache) and one more step. On MLX's CUDA
     /// backend this compiles, in this process, the kernels of those paths: fused elementwise
     /// chains, gathers and the padded-attention kernel. Each takes well under the supervisor's
     /// stall timeout, but a first step that meets several of them at once may not.
@@ -201,9 +201,12 @@ impl Model {
         }
         let mut batch = Batch::new();
         self.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
-        for step in 0..3 {
-            if step == 2 {
-                let copied = batch.remove(&[1], |_| true)?;
+        // Three rows of different lengths twice, then two, then one (unpadded).
+        let mut keys: Vec<u64> = vec![0, 1, 2];
+        for step in 0..4 {
+            if step >= 2 {
+                let gone = keys.remove(1);
+                let copied = batch.remove(&[gone], |_| true)?;
                 let arrays: Vec<&Array> =
                     copied.iter().flat_map(|(_, kv)| kv.layers.iter().flat_map(|l| l.state())).collect();
                 mlx::eval(&arrays)?;
