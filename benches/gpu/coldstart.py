@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--worker", default="/tmp/mlx-serving-worker")
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="gpu")
-    ap.add_argument("--variants", nargs="+", default=["false", "true"], help="--warm-up values, one server each")
+    ap.add_argument("--variants", nargs="+", default=["never", "auto"], help="--warm-up values, one server each")
     ap.add_argument("--levels", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ready-limit-s", type=float, default=200)

@@ -31,10 +31,21 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: u64,
     /// How models are loaded.
     pub load: mlx_serving_engine::LoadOptions,
-    /// On MLX's CUDA backend, run every quantized product of a model once per row tile as it
-    /// loads ([`mlx_serving_engine::Model::warm_up`]), so that MLX compiles their kernels
-    /// before any request waits on them.
-    pub warm_up: bool,
+    /// When a model is warmed up as it loads ([`mlx_serving_engine::Model::warm_up`]), so that
+    /// MLX compiles its kernels before any request waits on them.
+    pub warm_up: WarmUp,
+}
+
+/// When the worker warms a model up as it loads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WarmUp {
+    /// On MLX's CUDA backend, which compiles kernels at run time (Metal compiles its own in
+    /// milliseconds; the CPU compiles none).
+    Auto,
+    /// On every device.
+    Always,
+    /// Not at all.
+    Never,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorObjectOwned>>;

@@ -19,7 +19,7 @@ use mlx_serving_protocol::{Handshake, PROTOCOL_VERSION, WorkerRpcServer};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::engine::{Command, EngineConfig};
+use crate::engine::{Command, EngineConfig, WarmUp};
 use crate::scheduler::Scheduler;
 use crate::state::Shared;
 
@@ -108,13 +108,13 @@ struct Args {
     /// and the CPU.
     #[arg(long, value_parser = padding_share)]
     prefill_row_padding: Option<f32>,
-    /// On MLX's CUDA backend, run each quantized matrix product of a model at every row tile it
-    /// can take, and a few requests through the engine, while the model loads, before serving
-    /// it: MLX compiles kernels the first time each runs (a quantized tile about 35 s, then kept
-    /// on disk under MLX_PTX_CACHE_DIR), and a request that waited on compiles would stall the
-    /// worker past the supervisor's stall_timeout_ms. No effect on Metal and the CPU.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    warm_up: bool,
+    /// Run each quantized matrix product of a model at every row tile it can take, and a few
+    /// requests through the engine, while the model loads, before serving it. MLX's CUDA backend
+    /// compiles kernels the first time each runs (a quantized tile about 35 s, then kept on disk
+    /// under MLX_PTX_CACHE_DIR), and a request that waited on compiles would stall the worker
+    /// past the supervisor's stall_timeout_ms. `auto`: on CUDA only.
+    #[arg(long, value_enum, default_value_t = WarmUp::Auto)]
+    warm_up: WarmUp,
 }
 
 fn padding_share(s: &str) -> std::result::Result<f32, String> {

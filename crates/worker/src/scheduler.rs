@@ -23,7 +23,7 @@ use mlx_serving_protocol::{
 };
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
-use crate::engine::{Command, EngineConfig};
+use crate::engine::{Command, EngineConfig, WarmUp};
 use crate::state::Shared;
 
 struct Loaded {
@@ -349,7 +349,12 @@ impl Scheduler {
         }
         let mut model = Model::load_with(&path, self.config.load)
             .map_err(|e| ErrorCode::ModelLoadFailed.error(format!("loading `{name}` from {}: {e}", path.display())))?;
-        if self.config.warm_up && mlx::default_device_is_cuda() {
+        let warm_up = match self.config.warm_up {
+            WarmUp::Auto => mlx::default_device_is_cuda(),
+            WarmUp::Always => true,
+            WarmUp::Never => false,
+        };
+        if warm_up {
             self.warm_up(&name, &path, &model)?;
         }
         model.set_context_cap((self.config.max_context_tokens > 0).then_some(self.config.max_context_tokens));

@@ -155,3 +155,34 @@ async fn memory_and_cache_limits_reach_mlx_and_change_no_token() {
     .await
     .expect("test timed out");
 }
+
+/// A model warmed up as it loads (`--warm-up always`; by default only on MLX's CUDA backend)
+/// serves what it serves without: the warm-up's products and requests leave nothing behind in
+/// the worker, greedy or sampled, and the worker's statistics count none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmed_up_model_serves_the_same_tokens() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut runs = Vec::new();
+        for mode in ["never", "always"] {
+            // Small chunks and few sequences keep the warm-up's rows (and CPU time) small.
+            let args =
+                ["--warm-up", mode, "--prefill-chunk", "16", "--prefill-chunk-idle", "32", "--max-sequences", "4"];
+            let mut w = connect(&args);
+            w.client.load_model("m".into(), model_dir("qwen3-q4g64").display().to_string()).await.expect("load_model");
+            let greedy = request("g", Prompt::Text("Warm or cold".into()), 12);
+            let mut sampled = request("s", Prompt::Text("Warm or cold".into()), 12);
+            sampled.sampling = mlx_serving_protocol::Sampling { temperature: 0.9, seed: Some(5), ..Default::default() };
+            let (a, b) = tokio::join!(async { collect(w.client.generate(greedy).await.unwrap()).await }, async {
+                collect(w.client.generate(sampled).await.unwrap()).await
+            });
+            let stats = w.client.stats().await.unwrap();
+            w.client.shutdown(1000).await.unwrap();
+            let _ = w.child.wait().await;
+            runs.push((a.tokens, b.tokens, stats.progress.decoded_tokens));
+        }
+        assert_eq!(runs[0], runs[1], "--warm-up always changed what the worker served or counted");
+        assert_eq!(runs[0].2, 24);
+    })
+    .await
+    .expect("test timed out");
+}

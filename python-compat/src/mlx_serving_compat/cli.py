@@ -36,12 +36,6 @@ def non_negative(text: str) -> int:
     return value
 
 
-def boolean(text: str) -> bool:
-    if text not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-    return text == "true"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mlx-serving-pyworker", description="An mlx-serving worker built on mlx-lm: JSON-RPC 2.0 over stdin/stdout"
@@ -63,10 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-stall-ms", type=non_negative, default=50,
                    help="accepted for the Rust worker's flag set (whose chunks grow to what the model prefills "
                         "in this time while streams decode); here every step takes --prefill-chunk")
-    p.add_argument("--warm-up", type=boolean, default=True, metavar="true|false",
-                   help="accepted for the Rust worker's flag set (which runs a model's quantized products at "
-                        "every row tile as it loads, so that MLX's CUDA backend compiles their kernels "
-                        "first); this changes nothing here")
+    p.add_argument("--warm-up", choices=("auto", "always", "never"), default="auto",
+                   help="accepted for the Rust worker's flag set (which warms a model up as it loads it, so "
+                        "that MLX's CUDA backend compiles its kernels first); this changes nothing here")
     p.add_argument("--max-line-bytes", type=non_negative, default=DEFAULT_MAX_LINE_BYTES,
                    help="longest accepted input line in bytes; longer lines get an error response")
     p.add_argument("--max-context-tokens", type=non_negative, default=0,
