@@ -175,14 +175,7 @@ fn joined_batch(model: &Model, prompts: &[Vec<u32>]) -> Result<(Vec<Sequence>, B
         .iter()
         .map(|p| Sequence::new(model, p.clone(), Sampler::new(SamplingParams::default())?))
         .collect::<Result<Vec<_>>>()?;
-    {
-        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        while refs.iter().any(|s| s.needs_prefill()) {
-            model.prefill_chunks(&mut refs, 512)?;
-        }
-    }
-    let mut batch = Batch::new();
-    model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+    let batch = model.prefilled_batch(&mut seqs, 512)?;
     Ok((seqs, batch))
 }
 

@@ -276,6 +276,20 @@ impl Batch {
 }
 
 impl Model {
+    /// Prefills `seqs` in chunks of at most `chunk` tokens and joins them all into a new batch,
+    /// row `i` keyed `i`: a burst of requests admitted together.
+    pub fn prefilled_batch(&self, seqs: &mut [Sequence], chunk: usize) -> Result<Batch> {
+        {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            while refs.iter().any(|s| s.needs_prefill()) {
+                self.prefill_chunks(&mut refs, chunk)?;
+            }
+        }
+        let mut batch = Batch::new();
+        self.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+        Ok(batch)
+    }
+
     /// Moves sequences whose prompts are prefilled into `batch` (`key` names each one's row).
     /// Each sequence's own cache is copied into its row and handed back, in order (for a prefix
     /// cache; dropping it frees it).

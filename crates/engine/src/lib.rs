@@ -134,9 +134,9 @@ impl Model {
         let t = &self.transformer;
         let all = t.quantized_products().into_iter().map(|w| (w, max_rows));
         // Distinct by shape, bits and group size, each with the most rows any of its uses takes.
+        let key = |w: &QuantizedWeight<'_>| (w.out_features(), w.in_features(), w.q.bits, w.q.group_size);
         let mut products: Vec<(QuantizedWeight<'_>, usize)> = Vec::new();
         for (w, bound) in all.chain(t.quantized_output().map(|w| (w, max_output_rows))) {
-            let key = |w: &QuantizedWeight<'_>| (w.out_features(), w.in_features(), w.q.bits, w.q.group_size);
             match products.iter_mut().find(|(p, _)| key(p) == key(&w)) {
                 Some((_, b)) => *b = (*b).max(bound),
                 None => products.push((w, bound)),
@@ -193,20 +193,11 @@ impl Model {
                 Sequence::new(self, prompt, Sampler::new(params)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        {
-            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            while refs.iter().any(|s| s.needs_prefill()) {
-                self.prefill_chunks(&mut refs, 16)?;
-            }
-        }
-        let mut batch = Batch::new();
-        self.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect())?;
+        let mut batch = self.prefilled_batch(&mut seqs, 16)?;
         // Three rows of different lengths twice, then two, then one (unpadded).
-        let mut keys: Vec<u64> = vec![0, 1, 2];
         for step in 0..4 {
             if step >= 2 {
-                let gone = keys.remove(1);
-                let copied = batch.remove(&[gone], |_| true)?;
+                let copied = batch.remove(&[batch.keys()[1]], |_| true)?;
                 let arrays: Vec<&Array> =
                     copied.iter().flat_map(|(_, kv)| kv.layers.iter().flat_map(|l| l.state())).collect();
                 mlx::eval(&arrays)?;

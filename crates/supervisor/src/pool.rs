@@ -940,16 +940,18 @@ impl Pool {
         // as a start is, and not taken for a stall meanwhile.
         let info = {
             let _loading = slot.loading();
-            let limit = Duration::from_millis(config.pool.start_timeout_ms);
-            tokio::time::timeout(limit, conn.client.load_model(&m.name, &m.path.display().to_string()))
-                .await
-                .map_err(|_| PoolError::Conflict {
-                    message: format!(
-                        "loading `{model}` on worker {}: no answer within {} ms (pool.start_timeout_ms)",
-                        slot.id, config.pool.start_timeout_ms
-                    ),
-                })?
-                .map_err(|e| PoolError::Conflict { message: format!("loading `{model}` on worker {}: {e}", slot.id) })?
+            tokio::time::timeout(
+                ms(config.pool.start_timeout_ms),
+                conn.client.load_model(&m.name, &m.path.display().to_string()),
+            )
+            .await
+            .map_err(|_| PoolError::Conflict {
+                message: format!(
+                    "loading `{model}` on worker {}: no answer within {} ms (pool.start_timeout_ms)",
+                    slot.id, config.pool.start_timeout_ms
+                ),
+            })?
+            .map_err(|e| PoolError::Conflict { message: format!("loading `{model}` on worker {}: {e}", slot.id) })?
         };
         let mut s = slot.lock();
         if s.conn.as_ref().is_some_and(|c| c.generation == conn.generation) {
