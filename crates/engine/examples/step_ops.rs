@@ -7,7 +7,9 @@
 //! `separate`: the projections each on their own (the worker's `--stack-projections false`).
 //! `ragged`: prompts of different lengths (rows padded, attention masked) instead of equal ones.
 //! `time`: then 256 steps more, timed, as the worker runs them (step n+1 submitted before step
-//! n's tokens are read), and 64 steps each evaluated before the next is built.
+//! n's tokens are read), and 64 steps each evaluated before the next is built. With
+//! `CUPTI_TRACE_SWITCH` set (benches/gpu/cupti_trace.cpp), that file exists while the 256 steps
+//! run, so that a device timeline records them alone (benches/gpu/steptrace.sh).
 //! `prefill`: instead, times the prefill of ROWS prompts of 128 tokens in chunks of 512 (as the
 //! worker admits a burst of requests), their joining a batch a chunk at a time, and the prefill
 //! of one prompt as long as all of them; with the prompts of a chunk as rows of one batch, and
@@ -76,9 +78,15 @@ fn main() -> Result<()> {
     }
     if words.iter().any(|w| w == "time") {
         let steps = 256;
+        let switch = std::env::var_os("CUPTI_TRACE_SWITCH").map(PathBuf::from);
+        if let Some(path) = &switch {
+            std::fs::write(path, b"").expect("CUPTI_TRACE_SWITCH: a writable path");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let start = std::time::Instant::now();
         let mut pending = None;
-        let (mut build, mut submit) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let (mut build, mut submit, mut wait) =
+            (std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO);
         for _ in 0..steps {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
             let t0 = std::time::Instant::now();
@@ -88,13 +96,20 @@ fn main() -> Result<()> {
             build += t1 - t0;
             submit += t1.elapsed();
             if let Some(p) = pending.replace(out) {
+                let t2 = std::time::Instant::now();
                 accept(&mut seqs, &p)?;
+                wait += t2.elapsed();
             }
         }
         if let Some(p) = pending.take() {
             accept(&mut seqs, &p)?;
         }
         let pipelined = start.elapsed().as_secs_f64() / steps as f64;
+        if let Some(path) = &switch {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::fs::remove_file(path).expect("CUPTI_TRACE_SWITCH: removable");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         let steps = 64;
         let start = std::time::Instant::now();
         for _ in 0..steps {
@@ -104,12 +119,13 @@ fn main() -> Result<()> {
         }
         let serial = start.elapsed().as_secs_f64() / steps as f64;
         println!(
-            "timed: {:.3} ms per step pipelined ({:.1} steps/s; graph built in {:.3} ms, async_eval {:.3} ms), \
-             {:.3} ms evaluated one by one",
+            "timed: {:.3} ms per step pipelined ({:.1} steps/s; graph built in {:.3} ms, async_eval {:.3} ms, \
+             tokens waited for {:.3} ms), {:.3} ms evaluated one by one",
             pipelined * 1e3,
             1.0 / pipelined,
             build.as_secs_f64() * 1e3 / 256.0,
             submit.as_secs_f64() * 1e3 / 256.0,
+            wait.as_secs_f64() * 1e3 / 256.0,
             serial * 1e3
         );
     }
