@@ -325,3 +325,38 @@ async fn workers_are_spread_over_the_listed_gpus_and_keep_theirs_across_restarts
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_reads_nothing_holds_back_neither_its_worker_nor_other_requests() {
+    use mlx_serving_protocol::GenerateEvent;
+    use mlx_serving_supervisor::PoolEvent;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = started(config(1)).await;
+        // More events than the caller's channel holds, and none of them read yet.
+        let mut stalled = pool.generate(request("stalled", "read nothing for a while", 600));
+        let other = collect(&pool, request("other", "beside it", 32)).await;
+        assert_eq!(other.tokens.len(), 32, "{other:?}");
+        assert!(other.last.is_ok(), "{other:?}");
+        // The worker generates the unread request to its end.
+        let finished = eventually(Duration::from_secs(120), || {
+            let w = &pool.status().workers[0];
+            w.active_sequences == 0 && w.queue_depth == 0
+        })
+        .await;
+        assert!(finished, "the worker did not finish the unread request: {:?}", pool.status());
+        // Then the caller reads every token.
+        let mut tokens = 0;
+        let last = loop {
+            match stalled.recv().await.expect("a final event or an error") {
+                Ok(PoolEvent::Started) => {}
+                Ok(PoolEvent::Event(GenerateEvent::Token(t))) => tokens += t.token_ids.len(),
+                Ok(PoolEvent::Event(GenerateEvent::Final(f))) => break Ok(f),
+                Err(e) => break Err(e),
+            }
+        };
+        let last = last.expect("the unread request finished");
+        assert_eq!((tokens, last.usage.completion_tokens, last.finish_reason), (600, 600, FinishReason::Length));
+    })
+    .await
+    .expect("the test timed out");
+}

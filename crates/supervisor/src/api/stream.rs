@@ -369,4 +369,35 @@ mod tests {
         assert_eq!(next_frame(&mut body).await, Bytes::from_static(b"data: [DONE]\n\n"));
         assert!(body.frame().await.is_none());
     }
+
+    #[tokio::test]
+    async fn tokens_that_piled_up_behind_a_slow_reader_go_out_as_one_chunk() {
+        let limits = TokenLimits { default_max_tokens: 16, max_tokens: 0 };
+        let body = br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+                        "return_token_ids": true}"#;
+        let req = parse(Route::Chat, body, &limits, "req-2").expect("a valid request");
+        let (tx, rx) = mpsc::channel(8);
+        let mut body = sse(Meta::new(&req, "req-2", Instant::now()), &req, Feed::Direct(rx), None, 15).into_body();
+        let role = next_frame(&mut body).await;
+        assert!(std::str::from_utf8(&role).unwrap().contains("\"role\":\"assistant\""));
+        // Five tokens arrive while the reader reads nothing, then a sixth after it read.
+        for (id, text) in [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")] {
+            let token = TokenEvent { token_ids: vec![id], text: text.into(), logprobs: None, top_logprobs: None };
+            tx.send(Ok(PoolEvent::Event(GenerateEvent::Token(token)))).await.unwrap();
+        }
+        let chunk = |frame: Bytes| -> Value {
+            let text = std::str::from_utf8(&frame).unwrap().to_string();
+            serde_json::from_str(text.trim_start_matches("data: ").trim_end()).unwrap()
+        };
+        let merged = chunk(next_frame(&mut body).await);
+        assert_eq!(merged["choices"][0]["delta"]["content"], "abcde");
+        assert_eq!(merged["choices"][0]["token_ids"], serde_json::json!([1, 2, 3, 4, 5]));
+        let token = TokenEvent { token_ids: vec![6], text: "f".into(), logprobs: None, top_logprobs: None };
+        tx.send(Ok(PoolEvent::Event(GenerateEvent::Token(token)))).await.unwrap();
+        let next = chunk(next_frame(&mut body).await);
+        assert_eq!(
+            (&next["choices"][0]["delta"]["content"], &next["choices"][0]["token_ids"]),
+            (&"f".into(), &serde_json::json!([6]))
+        );
+    }
 }
