@@ -358,8 +358,9 @@ fn accept_step(seqs: &mut [Sequence], out: &BatchStep) {
 
 #[test]
 fn stacked_projections_change_no_value() {
-    // Dense with biases, quantized at two group sizes, q/k norms: every part of a stacked product.
-    for name in ["qwen2-bf16", "qwen3-bf16", "qwen3-q4g64", "llama-q4g32"] {
+    // Dense with biases, quantized at two group sizes, q/k norms: every part of a stacked product;
+    // quantized per module, where only the projections quantized alike are stacked.
+    for name in ["qwen2-bf16", "qwen3-bf16", "qwen3-q4g64", "llama-q4g32", "qwen3-mixed"] {
         let dir = common::model_dir(name);
         let stacked = Model::load_with(&dir, LoadOptions { stack_projections: true, ..Default::default() }).unwrap();
         let separate = Model::load_with(&dir, LoadOptions { stack_projections: false, ..Default::default() }).unwrap();

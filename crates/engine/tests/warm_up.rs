@@ -61,6 +61,22 @@ fn warm_up_runs_each_distinct_quantized_product_at_every_row_count() {
 }
 
 #[test]
+fn a_model_quantized_per_module_warms_up_each_bits_and_group_size() {
+    // qwen3-mixed (tests/fixtures/README.md): q_proj [256, 128] at 8 bits; k_proj and v_proj
+    // [128, 128] at 4, so the three are not stacked; o_proj and down_proj [128, 256] at 4; gate
+    // and up stacked [512, 128] at 4 but in layer 1, where gate_proj [256, 128] is 8-bit g32 and
+    // up_proj [256, 128] 4-bit g64; the tied embeddings [1024, 128] at 6 bits. Without stacking,
+    // gate and up are [256, 128] at 4 bits in layers 0 and 2.
+    let rows = warm_up_rows(8);
+    for (stacked, expected) in [(true, 7), (false, 6)] {
+        let opts = LoadOptions { stack_projections: stacked, ..Default::default() };
+        let m = Model::load_with(&model_dir("qwen3-mixed"), opts).unwrap();
+        let w = m.warm_up(8, 8).unwrap();
+        assert_eq!((w.products, w.calls), (expected, expected * rows.len()), "stacked {stacked}: {w:?}");
+    }
+}
+
+#[test]
 fn a_model_without_quantized_weights_warms_up_nothing() {
     for model in ["llama-f32", "qwen3-bf16"] {
         let w = Model::load(&model_dir(model)).unwrap().warm_up(8, 8).unwrap();
