@@ -19,6 +19,9 @@
 #   bash benches/gpu.sh run --pool --pool-cuda-devices 0 1 --models qwen3-0.6b-bf16 llama3-8b-bf16 --levels 1 8 32 128
 # A device timeline of one batch-1 decode per engine (CUPTI; call 2 carries .gpu/x3 instead of .gpu/x2):
 #   bash benches/gpu.sh run --trace /tmp/cupti/libcupti_trace.so --models qwen3-0.6b-bf16 llama3-8b-bf16
+# Device timelines of the engine's decode steps at a number of rows (step_ops; call 2 carries .gpu/x2
+# and .gpu/x3, models made by bench_models.py):
+#   bash benches/gpu.sh sh bash benches/gpu/steptrace.sh \$OUT/steptrace /tmp/m/qwen3-0.6b-q4:32:ragged /tmp/m/qwen3-0.6b-q4:1
 #
 # A Python script against MLX CUDA (same call 2, after call 1):
 #   bash benches/gpu.sh py benches/gpu/qmm.py --out \$OUT/qmm.json

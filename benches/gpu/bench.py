@@ -909,10 +909,40 @@ def pool_table(L):
         for r in R["parity"]:
             L.append(f"| {r['model']} | {r['case']} | {'yes' if r['ours_equal_golden'] else 'NO'} | {r['ours_first_diff']} | "
                      f"{'yes' if r['mlx_lm_equal_golden'] else 'NO'} | {r['mlx_lm_first_diff']} |")
+        parity_tokens(L, dev)
     if R["skipped"]:
         L.append("")
         L.append("skipped: " + "; ".join(R["skipped"]))
     return "\n".join(L) + "\n"
+
+
+def parity_tokens(L, dev):
+    """The first greedy tokens of each parity case: the CPU golden's, then the device's where they
+    differ (from the first differing token on, in bold)."""
+    L.append("")
+    L.append(f"First {max(len(r['golden']) for r in R['parity'])} greedy tokens of each case: the CPU golden (mlx-lm on the CPU), "
+             f"then ours and mlx-lm's on {dev} where they differ from it:")
+    L.append("")
+
+    def ids(tokens, diff=None):
+        return " ".join(f"**{t}**" if diff is not None and i >= diff else str(t) for i, t in enumerate(tokens))
+    for r in R["parity"]:
+        L.append(f"- {r['model']} / {r['case']}, CPU: {ids(r['golden'])}")
+        if r["ours_equal_golden"] and r["mlx_lm_equal_golden"]:
+            L.append(f"  - ours and mlx-lm on {dev}: the same")
+            continue
+        if r["ours_equal_mlx_lm"]:
+            L.append(f"  - ours = mlx-lm on {dev}, from token {r['ours_first_diff']}: {ids(r['ours'], r['ours_first_diff'])}")
+        else:
+            L.append(f"  - ours on {dev}: {ids(r['ours'], r['ours_first_diff'])}")
+            L.append(f"  - mlx-lm on {dev}: {ids(r['mlx_lm'], r['mlx_lm_first_diff'])}")
+
+
+def render(path):
+    """`bench.py --render RESULTS.json`: the tables of an earlier run, from its results file."""
+    R.update(json.loads(Path(path).read_text()))
+    R.setdefault("skipped", [])
+    print(table(), end="")
 
 
 def main():
@@ -1027,5 +1057,7 @@ if __name__ == "__main__":
         mlx_lm_batch1_child(sys.argv[2:])
     elif sys.argv[1:2] == ["--mlx-lm-trace"]:
         mlx_lm_trace_child(sys.argv[2:])
+    elif sys.argv[1:2] == ["--render"]:
+        render(sys.argv[2])
     else:
         main()
