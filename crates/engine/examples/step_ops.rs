@@ -6,6 +6,10 @@
 //! ```
 //! `separate`: the projections each on their own (the worker's `--stack-projections false`).
 //! `ragged`: prompts of different lengths (rows padded, attention masked) instead of equal ones.
+//! `len=N`: prompts of N tokens (and more when ragged) instead of 32.
+//! `memory`: with `time`, also the memory each pipelined step allocates beyond what was active
+//! before it (MLX's peak), median and largest, against one layer's keys: a step whose cache
+//! writes cannot reuse their buffer (because the step before still reads it) copies the cache.
 //! `time`: then 256 steps more, timed, as the worker runs them (step n+1 submitted before step
 //! n's tokens are read), and 64 steps each evaluated before the next is built. With
 //! `CUPTI_TRACE_SWITCH` set (benches/gpu/cupti_trace.cpp), that file exists while the 256 steps
@@ -51,7 +55,8 @@ fn main() -> Result<()> {
     }
     // Prompts of the same length, so that no row is padded (as for one stream); `ragged`: of
     // different lengths, so that rows are padded and attention is masked.
-    let prompts: Vec<Vec<u32>> = (0..rows).map(|r| prompt(r, if ragged { 32 + 5 * r } else { 32 })).collect();
+    let len: usize = words.iter().find_map(|w| w.strip_prefix("len=")).map_or(32, |n| n.parse().expect("len=N"));
+    let prompts: Vec<Vec<u32>> = (0..rows).map(|r| prompt(r, if ragged { len + 5 * r } else { len })).collect();
     let (mut seqs, mut batch) = joined_batch(&model, &prompts)?;
     // Two steps evaluated, so that the third starts from computed tokens and caches.
     let mut ops = Vec::new();
@@ -87,14 +92,25 @@ fn main() -> Result<()> {
         let mut pending = None;
         let (mut build, mut submit, mut wait) =
             (std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let probe = words.iter().any(|w| w == "memory");
+        let mut extra = Vec::with_capacity(steps);
         for _ in 0..steps {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let active = if probe {
+                mlx::memory::reset_peak();
+                mlx::memory::active()
+            } else {
+                0
+            };
             let t0 = std::time::Instant::now();
             let out = model.decode_batch(&mut batch, &mut refs)?;
             let t1 = std::time::Instant::now();
             mlx::async_eval(&[&out.tokens])?;
             build += t1 - t0;
             submit += t1.elapsed();
+            if probe {
+                extra.push(mlx::memory::peak().saturating_sub(active));
+            }
             if let Some(p) = pending.replace(out) {
                 let t2 = std::time::Instant::now();
                 accept(&mut seqs, &p)?;
@@ -105,6 +121,17 @@ fn main() -> Result<()> {
             accept(&mut seqs, &p)?;
         }
         let pipelined = start.elapsed().as_secs_f64() / steps as f64;
+        if probe {
+            extra.sort_unstable();
+            let layers = model.transformer.num_layers().max(1);
+            println!(
+                "memory: a pipelined step allocates {:.3} MB beyond what was active before it (median; largest {:.3} MB, \
+                 with the cache's growth), against {:.3} MB of keys per layer",
+                extra[extra.len() / 2] as f64 / 1e6,
+                extra[extra.len() - 1] as f64 / 1e6,
+                batch.nbytes() as f64 / 2.0 / layers as f64 / 1e6
+            );
+        }
         if let Some(path) = &switch {
             std::thread::sleep(std::time::Duration::from_millis(20));
             std::fs::remove_file(path).expect("CUPTI_TRACE_SWITCH: removable");
