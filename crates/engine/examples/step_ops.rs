@@ -29,7 +29,7 @@
 //! `benches/step_ops.py` prints the same count for mlx-lm's `generate_step` beside it.
 use std::path::PathBuf;
 
-use mlx_serving_engine::{Batch, BatchStep, LoadOptions, Model, Result, Sampler, SamplingParams, Sequence};
+use mlx_serving_engine::{Batch, LoadOptions, Model, Result, Sampler, SamplingParams, Sequence};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         if step == 2 {
             ops = mlx::graph_ops(&[&out.tokens])?;
         }
-        accept(&mut seqs, &out)?;
+        out.accept(&mut seqs)?;
     }
     let total: usize = ops.iter().map(|(_, n)| n).sum();
     // Operations that only describe a view of their input's buffer (no kernel when the input
@@ -113,12 +113,12 @@ fn main() -> Result<()> {
             }
             if let Some(p) = pending.replace(out) {
                 let t2 = std::time::Instant::now();
-                accept(&mut seqs, &p)?;
+                p.accept(&mut seqs)?;
                 wait += t2.elapsed();
             }
         }
         if let Some(p) = pending.take() {
-            accept(&mut seqs, &p)?;
+            p.accept(&mut seqs)?;
         }
         let pipelined = start.elapsed().as_secs_f64() / steps as f64;
         if probe {
@@ -142,7 +142,7 @@ fn main() -> Result<()> {
         for _ in 0..steps {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
             let out = model.decode_batch(&mut batch, &mut refs)?;
-            accept(&mut seqs, &out)?;
+            out.accept(&mut seqs)?;
         }
         let serial = start.elapsed().as_secs_f64() / steps as f64;
         println!(
@@ -222,15 +222,6 @@ fn joined_batch(model: &Model, prompts: &[Vec<u32>]) -> Result<(Vec<Sequence>, B
     Ok((seqs, batch))
 }
 
-/// Reads a step's tokens into the sequences and returns them, one per row.
-fn accept(seqs: &mut [Sequence], out: &BatchStep) -> Result<Vec<u32>> {
-    let tokens = out.tokens.to_vec::<u32>()?;
-    for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-        s.accept(index, t);
-    }
-    Ok(tokens)
-}
-
 /// Greedy tokens of `prompts` decoded together in one batch, `steps` each.
 fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
     let (mut seqs, mut batch) = joined_batch(model, prompts)?;
@@ -238,7 +229,7 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<V
     for _ in 0..steps {
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
         let step = model.decode_batch(&mut batch, &mut refs)?;
-        for (row, t) in out.iter_mut().zip(accept(&mut seqs, &step)?) {
+        for (row, t) in out.iter_mut().zip(step.accept(&mut seqs)?) {
             row.push(t);
         }
     }

@@ -188,6 +188,16 @@ impl BatchStep {
         let idx = self.tokens.reshape(&[-1, 1])?;
         Ok(self.logprobs.take_along_axis(&idx, 1)?.reshape(&[-1])?.astype(Dtype::Float32)?)
     }
+
+    /// Reads the step's tokens (waiting for them) and hands row `i`'s to `seqs[i]`, the
+    /// sequences in the order the step was given them. Returns the tokens, one per row.
+    pub fn accept(&self, seqs: &mut [Sequence]) -> Result<Vec<u32>> {
+        let tokens = self.tokens.to_vec::<u32>()?;
+        for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&self.rows)) {
+            s.accept(index, t);
+        }
+        Ok(tokens)
+    }
 }
 
 impl Batch {

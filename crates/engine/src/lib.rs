@@ -207,10 +207,7 @@ impl Model {
             let out = self.decode_batch(&mut batch, &mut refs)?;
             let logprobs = out.token_logprobs()?;
             mlx::eval(&[&out.tokens, &logprobs])?;
-            let tokens = out.tokens.to_vec::<u32>()?;
-            for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-                s.accept(index, t);
-            }
+            out.accept(&mut seqs)?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 mod common;
 
 use mlx::Dtype;
-use mlx_serving_engine::{Batch, BatchStep, GenerateParams, LoadOptions, Model, Sampler, SamplingParams, Sequence};
+use mlx_serving_engine::{Batch, GenerateParams, LoadOptions, Model, Sampler, SamplingParams, Sequence};
 
 fn tolerance(model: &str) -> f64 {
     // Quantized kernels may accumulate in another order than the reference; dense ones do not.
@@ -158,14 +158,14 @@ fn a_repetition_penalty_gives_the_same_tokens_whether_steps_overlap_or_not() {
             if overlap {
                 // Read a step only once the one after it is built.
                 if let Some(p) = previous.replace(out) {
-                    accept_step(&mut seqs, &p);
+                    p.accept(&mut seqs).unwrap();
                 }
             } else {
-                accept_step(&mut seqs, &out);
+                out.accept(&mut seqs).unwrap();
             }
         }
         if let Some(p) = previous {
-            accept_step(&mut seqs, &p);
+            p.accept(&mut seqs).unwrap();
         }
         seqs.iter().map(|s| s.generated().to_vec()).collect()
     };
@@ -193,7 +193,7 @@ fn rows_joining_a_running_batch_decode_as_each_alone() {
     let step = |seqs: &mut Vec<Sequence>, batch: &mut Batch| {
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
         let out = model.decode_batch(batch, &mut refs).unwrap();
-        accept_step(seqs, &out);
+        out.accept(seqs).unwrap();
     };
     for _ in 0..4 {
         step(&mut seqs, &mut batch);
@@ -247,7 +247,7 @@ fn prompts_prefilled_as_rows_decode_as_each_alone() {
         for _ in 0..12 {
             let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
             let out = model.decode_batch(&mut batch, &mut refs).unwrap();
-            accept_step(&mut seqs, &out);
+            out.accept(&mut seqs).unwrap();
         }
         for (i, p) in prompts.iter().enumerate() {
             let params = GenerateParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
@@ -322,17 +322,19 @@ fn batched_greedy(model: &Model, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec
         if step == 0 {
             first = out.logprobs.astype(Dtype::Float32).unwrap().to_vec::<f32>().unwrap();
         }
-        accept_step(&mut seqs, &out);
+        out.accept(&mut seqs).unwrap();
     }
     (seqs.iter().map(|s| s.generated().to_vec()).collect(), first)
 }
 
+/// Sequences of `prompts`, not prefilled yet.
+fn sequences(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> Vec<Sequence> {
+    prompts.iter().map(|p| Sequence::new(model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap()).collect()
+}
+
 /// Sequences of `prompts`, prefilled together in chunks, as the worker does.
 fn prefilled(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> Vec<Sequence> {
-    let mut seqs: Vec<Sequence> = prompts
-        .iter()
-        .map(|p| Sequence::new(model, p.clone(), Sampler::new(sampling.clone()).unwrap()).unwrap())
-        .collect();
+    let mut seqs = sequences(model, prompts, sampling);
     let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
     while refs.iter().any(|s| s.needs_prefill()) {
         model.prefill_chunks(&mut refs, 512).unwrap();
@@ -342,18 +344,9 @@ fn prefilled(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> 
 
 /// Sequences of `prompts`, prefilled together and joined into one batch, as the worker does.
 fn joined_batch(model: &Model, prompts: &[Vec<u32>], sampling: &SamplingParams) -> (Vec<Sequence>, Batch) {
-    let mut seqs = prefilled(model, prompts, sampling);
-    let mut batch = Batch::new();
-    model.join(&mut batch, seqs.iter_mut().enumerate().map(|(i, s)| (i as u64, s)).collect()).unwrap();
+    let mut seqs = sequences(model, prompts, sampling);
+    let batch = model.prefilled_batch(&mut seqs, 512).unwrap();
     (seqs, batch)
-}
-
-/// Reads a batch step's tokens into its rows' sequences.
-fn accept_step(seqs: &mut [Sequence], out: &BatchStep) {
-    let tokens = out.tokens.to_vec::<u32>().unwrap();
-    for (s, (&t, &(_, index))) in seqs.iter_mut().zip(tokens.iter().zip(&out.rows)) {
-        s.accept(index, t);
-    }
 }
 
 #[test]
